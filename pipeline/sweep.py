@@ -1,0 +1,88 @@
+"""Sweep-level bookkeeping: a Hydra callback that runs after every multirun.
+
+Jobs never raise out of a multirun (see ``pipeline.__main__``): each writes its
+``run.json`` with a status. This callback reads them all, prints and writes the
+summary table, regenerates the sweep's figures from artifacts, and exits
+non-zero naming every failed job, so one failure neither hides nor stops the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline.orchestrate import RUN_RECORD
+
+SUMMARY_COLUMNS = ["job", "method", "overrides", "status", "train_loss", "reward_accuracy", "eval_average", "error"]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def job_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """Key metrics of one job, read from its artifacts (absent stages give None)."""
+    artifacts = record.get("artifacts", {})
+    metrics: dict[str, Any] = {"train_loss": None, "reward_accuracy": None, "eval_average": None}
+    if "train" in artifacts:
+        summary = read_json(Path(artifacts["train"]["path"]) / "summary.json")
+        metrics["train_loss"] = summary.get("train/loss", summary.get("final", {}).get("train/loss"))
+    if "evaluate" in artifacts:
+        eval_dir = Path(artifacts["evaluate"]["path"])
+        metrics["eval_average"] = read_json(eval_dir / "scores.json").get("average")
+        metrics["reward_accuracy"] = read_json(eval_dir / "preference.json").get("overall", {}).get("reward_accuracy")
+    return metrics
+
+
+def summarise_sweep(sweep_dir: Path) -> pd.DataFrame:
+    rows = []
+    for record_path in sorted(Path(sweep_dir).glob(f"*/{RUN_RECORD}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        record = read_json(record_path)
+        overrides_file = record_path.parent / ".hydra" / "overrides.yaml"
+        overrides = " ".join(line.lstrip("- ").strip() for line in overrides_file.read_text().splitlines()) if overrides_file.exists() else ""
+        keys = {f"{stage}_key": art["key"] for stage, art in record.get("artifacts", {}).items()}
+        rows.append({"job": record_path.parent.name, "method": record.get("method"), "overrides": overrides,
+                     "status": record.get("status", "unknown"), **job_metrics(record),
+                     "error": record.get("error", ""), **keys})
+    return pd.DataFrame(rows)
+
+
+def write_summary(sweep_dir: Path, table: pd.DataFrame) -> None:
+    table.to_csv(sweep_dir / "summary.csv", index=False)
+    (sweep_dir / "summary.md").write_text(table.to_markdown(index=False) if not table.empty else "no jobs\n")
+
+
+class SweepSummary(Callback):
+    """Hydra callback (see conf/config.yaml `hydra.callbacks`)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = summarise_sweep(sweep_dir)
+        if table.empty:
+            print(f"[sweep] no job records under {sweep_dir}", file=sys.stderr)
+            sys.exit(1)
+        write_summary(sweep_dir, table)
+        shown = [c for c in SUMMARY_COLUMNS if c in table.columns and c != "error"]
+        print(f"\n[sweep] {sweep_dir}\n" + table[shown].to_string(index=False), flush=True)
+        if "analyse" in config.get("stages", []):
+            self.analyse(config, sweep_dir)
+        failed = table[table.status != "ok"]
+        if not failed.empty:
+            for _, row in failed.iterrows():
+                print(f"[sweep] job {row.job} ({row.overrides}) {row.status}: {row.error}", file=sys.stderr)
+            sys.exit(1)
+
+    @staticmethod
+    def analyse(config: DictConfig, sweep_dir: Path) -> None:
+        from analysis.report import build_report  # heavy (matplotlib); only when asked
+        report = build_report(sweep_dir)
+        print(f"[analyse] report {report}", flush=True)

@@ -1,0 +1,107 @@
+"""Every option of every config group and every sweep composes; every key is commented;
+sweeps only choose options and override keys, never add them."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, REPO_ROOT, compose_config
+
+SWEEPS_DIR = REPO_ROOT / "sweeps"
+GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra")
+GROUP_OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+SWEEPS = sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml"))
+ALL_YAML = sorted(CONF_DIR.rglob("*.yaml")) + sorted(SWEEPS_DIR.rglob("*.yaml"))
+KEY_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*\s*:")
+
+
+def flat_keys(cfg) -> set[str]:
+    container = OmegaConf.to_container(cfg, resolve=False)
+    keys: set[str] = set()
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            keys.add(prefix.rstrip("."))
+    walk(container, "")
+    return keys
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_option_composes(group, option):
+    cfg = compose_config(f"{group}={option}")
+    assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=[str(p.relative_to(REPO_ROOT)) for p in ALL_YAML])
+def test_every_key_is_commented(path: Path):
+    lines = path.read_text().splitlines()
+    uncommented = []
+    previous = ""
+    for number, line in enumerate(lines, 1):
+        if KEY_LINE.match(line) and not line.lstrip().startswith(("defaults", "#", "-")):
+            # a key is documented by a trailing comment, or by a comment line right above it,
+            # or it is a mapping header whose children are documented
+            is_header = line.rstrip().endswith(":")
+            if "#" not in line and not previous.lstrip().startswith("#") and not is_header:
+                uncommented.append(f"{path.name}:{number}: {line.strip()}")
+        if line.strip():
+            previous = line
+    assert not uncommented, "uncommented keys:\n" + "\n".join(uncommented)
+
+
+def sweep_jobs(sweep: str) -> list[list[str]]:
+    """The override list of every job the sweep's basic-sweeper grid expands to."""
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        cfg = compose(config_name=sweep, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params) or {}
+    parser = OverridesParser.create()
+    axes = []
+    for key, value in params.items():
+        override = parser.parse_overrides([f"{key}={value}"])[0]
+        axes.append([f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def compose_sweep_job(sweep: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        return compose(config_name=sweep, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
+                       return_hydra_config=True)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_job_composes_without_new_keys(sweep):
+    jobs = sweep_jobs(sweep)
+    assert jobs, f"sweep {sweep} has no grid"
+    for overrides in jobs:
+        job = compose_sweep_job(sweep, overrides)
+        choices = {k: v for k, v in job.hydra.runtime.choices.items() if not k.startswith("hydra") and v is not None
+                   and not k.startswith("variant")}
+        base = compose_config(*[f"{group}={choice}" for group, choice in choices.items()])
+        job_keys = flat_keys({k: v for k, v in job.items() if k != "hydra"})
+        added = job_keys - flat_keys(base)
+        assert not added, f"sweep {sweep} {overrides} adds keys {sorted(added)}"
+        assert job.sweep_name == sweep
+
+
+def test_default_sweep_compares_dpo_dpop_bnf():
+    methods = sorted(override.split("=")[1] for job in sweep_jobs("default") for override in job)
+    assert methods == ["bnf", "dpo", "dpop"]
+
+
+def test_beta_lambda_sweep_matches_smaug_figure_3():
+    points = []
+    for overrides in sweep_jobs("smaug_beta_lambda"):
+        job = compose_sweep_job("smaug_beta_lambda", overrides)
+        points.append((job.method.loss, float(job.method.beta), float(job.method.get("lambda_", 0.0))))
+    assert sorted(points) == sorted([("dpo", 0.1, 0.0), ("dpo", 0.3, 0.0), ("dpo", 1.0, 0.0),
+                                     ("dpop", 0.3, 5.0), ("dpop", 0.3, 50.0), ("dpop", 0.3, 500.0)])
