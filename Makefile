@@ -20,7 +20,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow smoke sweep figures bench clean
+.PHONY: help install test test-slow pytest smoke sweep figures bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -35,7 +35,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install the project (idempotent)
 
-test: install ## Run the fast test suite (unit + tiny-model integration)
+test: pytest smoke ## Run the fast test suite and the tiny-model smoke sweep
+
+pytest: install ## Run the fast pytest suite only (unit + tiny-model integration)
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: install ## Run the slow tests (SmolLM2, longer integration)
@@ -43,6 +45,19 @@ test-slow: install ## Run the slow tests (SmolLM2, longer integration)
 
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
 	$(PY) -m pipeline --multirun --config-dir sweeps --config-name $(SWEEP) $(ARGS)
+
+smoke: install ## The whole chain on the tiny model (about a minute)
+	$(PY) -m pipeline --multirun --config-dir sweeps --config-name smoke $(ARGS)
+
+figures: install ## Regenerate figures, tables and report from artifacts: make figures SWEEP_DIR=runs/default/<time>
+	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make figures SWEEP_DIR=runs/default/2026-01-01_12-00-00"; exit 2; }
+	$(PY) -m analysis $(SWEEP_DIR)
+
+bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md)
+	$(PY) bench/pairing.py
+	$(PY) bench/train_vs_trl.py
+	$(PY) bench/eval_vs_cli.py
+	$(PY) bench/sweep_cost.py
 
 clean: ## Remove artifacts and run folders (keeps .venv)
 	rm -rf artifacts runs multirun outputs .cache/wandb

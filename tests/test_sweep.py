@@ -1,0 +1,87 @@
+"""Real Hydra multiruns of `python -m pipeline` on the tiny model, through every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+TINY = ["model=tiny", "train.max_steps=3", "train.probe_every=3", "eval.limit=4", "data.num_problems=60",
+        "data.num_eval_items=8", "logger=none"]
+
+
+def run_pipeline(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def sweep_dirs(cwd: Path, sweep_name: str) -> list[Path]:
+    return sorted((cwd / "runs" / sweep_name).iterdir())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.fixture(scope="module")
+def first_sweep(workdir):
+    args = ["--multirun", "method=dpo,bnf", "sweep_name=two", *TINY]
+    result = run_pipeline(args, workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return args, result
+
+
+def test_two_job_multirun_runs_every_stage_and_writes_figures(workdir, first_sweep):
+    _, result = first_sweep
+    for stage in ("model", "pair", "reference", "train", "evaluate", "analyse"):
+        assert f"[{stage}] artifact" in result.stdout
+    (sweep_dir,) = sweep_dirs(workdir, "two")
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary.status) == ["ok", "ok"]
+    assert sorted(summary.method) == ["bnf", "dpo"]
+    # one pairing and one reference artifact shared by both methods
+    assert summary.pair_key.nunique() == 1 and summary.reference_key.nunique() == 1
+    assert summary.train_key.nunique() == 2
+    figures = list((sweep_dir / "report" / "figures").glob("*.png"))
+    assert figures, "the sweep report has no figures"
+    assert (sweep_dir / "report" / "report.md").is_file()
+
+
+def test_rerun_recomputes_nothing(workdir, first_sweep):
+    args, _ = first_sweep
+    result = run_pipeline(args, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " artifact " in line and line.startswith("[")]
+    assert lines and all(line.endswith("(cached)") for line in lines), "\n".join(lines)
+    reference_manifests = list((workdir / "artifacts" / "reference").glob("*/manifest.json"))
+    assert len(reference_manifests) == 1, "the reference model ran more than once for the sweep"
+
+
+def test_failing_job_does_not_stop_the_others(workdir, first_sweep):
+    result = run_pipeline(["--multirun", "method=dpo", "method.beta=0.1,-1.0", "sweep_name=failing", *TINY], workdir)
+    assert result.returncode != 0
+    (sweep_dir,) = sweep_dirs(workdir, "failing")
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert sorted(summary.status) == ["failed", "ok"]
+    assert "method.beta" in result.stderr  # the failing job is named with its reason
+    failed = json.loads((sweep_dir / summary[summary.status == "failed"].job.astype(str).iloc[0] / "run.json").read_text())
+    assert "method.beta" in failed["error"]
+
+
+def test_submitit_local_launcher_runs_a_job(workdir):
+    result = run_pipeline(["--multirun", "hydra/launcher=submitit_local_cpu", "stages=[pair]", "seed=0,1",
+                           "sweep_name=submitit", *TINY], workdir)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (sweep_dir,) = sweep_dirs(workdir, "submitit")
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert list(summary.status) == ["ok", "ok"]
+    assert summary.pair_key.nunique() == 2  # the seed is part of the pairing key
