@@ -35,7 +35,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install the project (idempotent)
 
-test: pytest smoke ## Run the fast test suite and the tiny-model smoke sweep
+test: install ## Run the tiny-model smoke sweep, then the fast test suite
+	$(MAKE) --no-print-directory smoke
+	$(PY) -m pytest -m "not slow" -q
 
 pytest: install ## Run the fast pytest suite only (unit + tiny-model integration)
 	$(PY) -m pytest -m "not slow" -q
