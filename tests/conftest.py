@@ -36,3 +36,19 @@ def make_config(tmp_path):
     def factory(*overrides: str):
         return compose_config(f"artifacts_dir={tmp_path / 'artifacts'}", *overrides)
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg():
+    """conf/model/tiny.yaml as a DictConfig (no full composition needed)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_artifact(tmp_path_factory, tiny_model_cfg):
+    """The tiny model, built once per test session by the real model stage into a temp store."""
+    from omegaconf import OmegaConf
+    from pipeline import models
+    root = tmp_path_factory.mktemp("tiny-model-store")
+    return models.run(OmegaConf.create({"model": tiny_model_cfg}), {}, root)
