@@ -1,0 +1,290 @@
+"""Stage "train": one preference method on the training pairs, starting from the reference model.
+
+Upstream: ``model`` (weights + tokenizer), ``pair`` (``pairs.parquet``) and ``reference`` (per-token
+reference log-probs of every pair, never recomputed here). The loss is ``get_loss(method.loss)``;
+the method file's flags (``needs_vocab_term``) decide what the loss input carries. The trainer never
+tests a method's name.
+
+Runs on accelerate (CPU, one GPU or DDP via ``accelerate launch``): chosen and rejected rows go
+through ONE concatenated forward; log-probs are fp32 even under bf16 autocast; AdamW with warm-up and
+linear/cosine decay, gradient accumulation and clipping. Truncation is the reference stage's
+(``pipeline.batching.encode_response`` with ``train.max_length`` and ``train.max_prompt_length``), so
+policy and reference score exactly the same tokens.
+
+Resumable: every ``train.checkpoint_every`` steps the full state goes into the artifact's partial
+directory (pipeline/checkpointing.py); rerunning the same command resumes from it and, on CPU, ends
+bit-identical to an uninterrupted run. A non-finite loss stops the run with a one-line error naming
+the step and keeps the last good checkpoint.
+
+Artifact: ``model/`` (save_pretrained + tokenizer), ``metrics.jsonl`` (one row per step, ``train/...``
+names), ``trajectories.jsonl`` (per probe pair and probe step), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import Artifact, build
+from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
+                                    truncate_jsonl)
+from pipeline.errors import UserError
+from pipeline.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer,
+                                    forward_micro_batch, total_steps)
+
+VERSION = 1
+STAGE = "train"
+UPSTREAM = ("model", "pair", "reference")
+# Keys of conf/train that change nothing in the artifact (memory, checkpoints, display) or belong to the reference stage.
+OPERATIONAL_KEYS = ("checkpoint_every", "progress", "probe_batch_size", "reference_batch_size")
+# Test-only hook: raise after this many steps (after that step's checkpoint) to simulate a crash.
+CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
+METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
+TRAJECTORY_COLUMNS = {  # trajectories.jsonl field -> pair_table column
+    "pair_id": "pair_id", "bucket": "bucket", "kind": "kind",
+    "chosen_logp": "chosen_logp", "rejected_logp": "rejected_logp",
+    "ref_chosen_logp": "ref_chosen_logp", "ref_rejected_logp": "ref_rejected_logp",
+    "chosen_shift": "rho_chosen", "rejected_shift": "rho_rejected",
+    "chosen_after_diff_mean_logp": "chosen_after_diff_mean_logp",
+    "ref_chosen_after_diff_mean_logp": "ref_chosen_after_diff_mean_logp",
+    "chosen_logit_shift": "chosen_logit_shift", "rejected_logit_shift": "rejected_logit_shift",
+}
+
+
+class TrainingDiverged(UserError):
+    """The loss became nan/inf; the message names the step and the checkpoint that was kept."""
+
+
+def bucket_filter(cfg: DictConfig) -> list[str] | None:
+    value = OmegaConf.select(cfg, "pairing.bucket_filter", default=None)
+    if value is None:
+        return None
+    return [str(v) for v in (OmegaConf.to_container(value) if OmegaConf.is_list(value) else [value])]
+
+
+def config_subset(cfg: DictConfig) -> dict[str, Any]:
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL_KEYS}
+    lora = OmegaConf.select(cfg, "model.lora", default=None)
+    return {
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "train": train,
+        "seed": int(cfg.seed),
+        "bucket_filter": bucket_filter(cfg),
+        # How the model is trained (the model artifact's key covers only its weights).
+        "model_use": {"dtype": str(OmegaConf.select(cfg, "model.dtype", default="fp32")),
+                      "lora": OmegaConf.to_container(lora, resolve=True) if lora is not None and lora.enabled else None},
+    }
+
+
+def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
+    missing = [name for name in UPSTREAM if name not in upstream]
+    if missing:
+        raise ValueError(f"train needs upstream artifacts {missing}")
+    return build(root, STAGE, VERSION, config_subset(cfg), {name: upstream[name] for name in UPSTREAM},
+                 lambda workdir: train(cfg, upstream, Path(workdir)), resumable=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[int]]:
+    """Row positions of the training pairs (split == train, bucket filter) and the fixed probe set."""
+    train_mask = pairs["split"] == "train"
+    buckets = bucket_filter(cfg)
+    if buckets is not None:
+        train_mask &= pairs["bucket"].astype(str).isin(buckets)
+    train_rows = [int(i) for i in train_mask.to_numpy().nonzero()[0]]
+    if not train_rows:
+        raise UserError(f"pairs.parquet: no split=train rows to train on (pairing.bucket_filter={buckets}); "
+                        "check pairing.test_fraction and the bucket names")
+    test_rows = (pairs["split"] == "test").to_numpy().nonzero()[0]
+    probe_rows = [int(i) for i in test_rows[: int(cfg.train.probe_pairs)]]
+    return train_rows, probe_rows
+
+
+def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from pipeline.losses import get_loss
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.reference import load_reference
+    from pipeline.tracking import start_run
+
+    train_cfg, seed = cfg.train, int(cfg.seed)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    loss_fn = get_loss(str(cfg.method.loss))
+    needs_vocab_term = bool(cfg.method.get("needs_vocab_term", False))
+    set_seed(seed)  # python, numpy, torch (+cuda): LoRA init and dropout
+
+    pairs = pd.read_parquet(upstream["pair"].path / "pairs.parquet")
+    train_rows, probe_rows = select_rows(cfg, pairs)
+    tokenizer = load_tokenizer(upstream["model"])
+    reference = load_reference(upstream["reference"])
+    max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
+    encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length)
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if str(train_cfg.precision) == "bf16" else "no")
+    model = load_causal_lm(upstream["model"], cfg.model, trainable=True)
+    stream = MicroBatchStream(train_rows, int(train_cfg.batch_size), seed,
+                              accelerator.num_processes, accelerator.process_index)
+    accumulation = int(train_cfg.grad_accumulation)
+    steps = total_steps(train_cfg.max_steps, float(train_cfg.epochs), stream.per_epoch, accumulation)
+    optimizer, scheduler = build_optimizer(model, train_cfg, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    metrics_path, trajectories_path = workdir / METRICS_FILE, workdir / TRAJECTORIES_FILE
+    state = load_checkpoint(workdir)
+    if state is not None:  # resume: everything after the checkpoint is recomputed
+        restore_checkpoint(state, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
+        start, stream.position = int(state["step"]), int(state["position"])
+        truncate_jsonl(metrics_path, start)
+        truncate_jsonl(trajectories_path, start)
+    else:
+        start = 0
+        metrics_path.write_text("")
+        trajectories_path.write_text("")
+
+    main = accelerator.is_main_process
+    tracker = start_run(cfg, job_type=STAGE, name=f"train-{cfg.method.name}-seed{seed}") if main else None
+    probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main else None
+    checkpoint_every = int(train_cfg.checkpoint_every or 0)
+    crash_after = int(os.environ[CRASH_HOOK_ENV]) if os.environ.get(CRASH_HOOK_ENV) else None
+    max_grad_norm = float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm is not None else math.inf
+    buckets = pairs["bucket"].astype(str).to_numpy()
+    reduce = None
+    if accelerator.num_processes > 1:
+        def reduce(values: dict[str, float]) -> dict[str, float]:
+            averaged = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
+            return dict(zip(values, averaged.tolist()))
+
+    started, tokens_seen, last = time.time(), 0, {}
+    try:
+        if start == 0 and main:
+            probe.record(accelerator.unwrap_model(model), 0)
+        bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method.name}", unit="step",
+                   disable=not (main and bool(train_cfg.progress)), dynamic_ncols=True)
+        for step in range(start, steps):
+            step_started = time.time()
+            lr = scheduler.get_last_lr()[0]
+            collected = StepMetrics(buckets)
+            for micro in range(accumulation):
+                rows = stream.next()
+                batch = {k: v.to(accelerator.device) for k, v in encodings.collate(rows, tokenizer.pad_token_id).items()}
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+                with sync:
+                    result = forward_micro_batch(model, batch, rows, reference, loss_fn, method_cfg, needs_vocab_term)
+                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
+                    accelerator.backward(result.output.loss / accumulation)
+                collected.add(result, rows)
+            grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done, elapsed = step + 1, time.time() - step_started
+            tokens_seen += collected.tokens
+            last = {"step": done, **collected.finish(reduce), "train/lr": lr, "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_second": collected.tokens * accelerator.num_processes / max(elapsed, 1e-9)}
+            if main:
+                append_jsonl(metrics_path, [last])
+                tracker.log({k: v for k, v in last.items() if k != "step"}, step=done)
+                if done % int(train_cfg.probe_every) == 0 or done == steps:
+                    probe.record(accelerator.unwrap_model(model), done)
+            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(workdir, step=done, position=stream.position, model=accelerator.unwrap_model(model),
+                                    optimizer=optimizer, scheduler=scheduler)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            if crash_after is not None and done == crash_after:
+                raise RuntimeError(f"{CRASH_HOOK_ENV}={crash_after}: simulated crash after step {done}")
+        bar.close()
+        wall = time.time() - started
+        accelerator.wait_for_everyone()
+        summary = {"steps": steps, "resumed_from_step": start or None, "train_pairs": len(train_rows),
+                   "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
+                   "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
+                   "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
+                   "final": last}
+        if main:
+            save_final_model(accelerator.unwrap_model(model), tokenizer, workdir / MODEL_DIR)
+            (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
+            remove_checkpoints(workdir)
+        return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None}
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def check_finite(accelerator, loss: torch.Tensor, step: int, workdir: Path, checkpoint_every: int) -> None:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    if bool(finite.min() < 1):
+        state = load_checkpoint(workdir) if checkpoint_every else None
+        kept = f"the last good checkpoint (step {state['step']}) is kept in {workdir}" if state else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"train: loss is {float(loss):.4g} (not finite) at step {step}; {kept}; "
+                               "lower train.lr or check the data")
+
+
+def save_final_model(model, tokenizer, directory: Path) -> None:
+    if hasattr(model, "merge_and_unload"):  # LoRA: save plain weights so every later stage loads it like any model
+        model = model.merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------- probe trajectories
+
+class ProbeRecorder:
+    """Per-example log-prob trajectories on a fixed set of held-out pairs (Smaug Fig. 4, BNF's shifts)."""
+
+    def __init__(self, cfg: DictConfig, pairs: pd.DataFrame, rows: list[int], tokenizer, reference, path: Path, tracker):
+        from pipeline.scoring import subset_scored
+
+        self.pairs = pairs.iloc[rows].reset_index(drop=True)
+        self.reference = subset_scored(reference, rows) if rows else None
+        self.tokenizer, self.path, self.tracker = tokenizer, path, tracker
+        self.max_length, self.max_prompt_length = int(cfg.train.max_length), int(cfg.train.max_prompt_length)
+        self.batch_size = int(cfg.train.probe_batch_size)
+
+    def record(self, model, step: int) -> None:
+        if self.reference is None:
+            return
+        from pipeline.preference_metrics import pair_table
+        from pipeline.scoring import score_pairs
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            scored = score_pairs(model, self.tokenizer, self.pairs, self.max_length, self.max_prompt_length,
+                                 self.batch_size)
+        model.train(was_training)
+        table = pair_table(scored, self.reference, self.pairs)
+        rows = [{"step": step, **{field: record[column] for field, column in TRAJECTORY_COLUMNS.items()}}
+                for record in table.to_dict("records")]
+        append_jsonl(self.path, rows)
+        self.tracker.log({"probe/margin": float(table["margin"].mean()),
+                          "probe/chosen_shift": float(table["rho_chosen"].mean()),
+                          "probe/rejected_shift": float(table["rho_rejected"].mean())}, step=step)
