@@ -64,6 +64,102 @@ CHECKS: list[Callable[[DictConfig], None]] = [
 ]
 
 
+def half_open_fraction(key: str) -> Callable[[DictConfig], None]:
+    """Value in [0, 0.5): a label-flip rate (robust DPO divides by 1 - 2 epsilon)."""
+    def check(cfg: DictConfig) -> None:
+        value = select(cfg, key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 0.5):
+            raise UserError(f"{key}={value!r}: expected a number in [0, 0.5)")
+    return check
+
+
+def one_of(key: str, choices: tuple[str, ...]) -> Callable[[DictConfig], None]:
+    def check(cfg: DictConfig) -> None:
+        value = select(cfg, key)
+        if value is not None and value not in choices:
+            raise UserError(f"{key}={value!r}: expected one of {list(choices)}")
+    return check
+
+
+def check_method_loss(cfg: DictConfig) -> None:
+    """method.loss must name a loss of pipeline.losses.LOSSES (imported lazily: it pulls in torch)."""
+    name = select(cfg, "method.loss")
+    if name is not None:
+        from pipeline.losses import get_loss
+        get_loss(str(name))
+
+
+def check_method_flags(cfg: DictConfig) -> None:
+    for key in ("needs_reference", "needs_vocab_term", "accepts_unpaired", "guards", "average_log_ratios"):
+        value = select(cfg, f"method.{key}")
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"method.{key}={value!r}: expected true or false")
+
+
+# Loss hyper-parameters (conf/method/*.yaml); each check is a no-op where the method has no such key.
+CHECKS += [
+    check_method_loss,
+    check_method_flags,
+    positive("method.beta"),
+    non_negative("method.lambda_"),
+    half_open_fraction("method.epsilon"),
+    non_negative("method.gamma"),
+    non_negative("method.lam"),
+    non_negative("method.alpha"),
+    one_of("method.normalisation", ("batch_min", "per_sequence", "none")),
+]
+
+
 def validate(cfg: DictConfig) -> None:
     for check in CHECKS:
         check(cfg)
+
+
+# Training (conf/train/); appended after validate() on purpose: CHECKS is read when validate runs.
+def check_train_choices(cfg: DictConfig) -> None:
+    for key, choices in (("train.precision", ("fp32", "bf16")), ("train.schedule", ("linear", "cosine", "constant"))):
+        value = select(cfg, key)
+        if value is not None and value not in choices:
+            raise UserError(f"{key}={value!r}: expected one of {list(choices)}")
+
+
+def check_train_lengths(cfg: DictConfig) -> None:
+    """The response needs room: max_length must exceed the prompt budget (and fit the tiny model)."""
+    length, prompt = select(cfg, "train.max_length"), select(cfg, "train.max_prompt_length")
+    if isinstance(length, int) and isinstance(prompt, int) and length <= prompt:
+        raise UserError(f"train.max_length={length} must be longer than the prompt budget train.max_prompt_length={prompt} "
+                        "(tokens left for the response); e.g. train.max_length={0}".format(2 * prompt))
+    positions = select(cfg, "model.tiny.max_position_embeddings") if select(cfg, "model.source") == "tiny" else None
+    if isinstance(length, int) and isinstance(positions, int) and length > positions:
+        raise UserError(f"train.max_length={length} exceeds model.tiny.max_position_embeddings={positions}")
+
+
+def check_train_adam(cfg: DictConfig) -> None:
+    betas = select(cfg, "train.adam_betas")
+    if betas is not None and not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise UserError(f"train.adam_betas={list(betas)!r}: expected two numbers in [0, 1), e.g. [0.9,0.999]")
+    ratio = select(cfg, "train.warmup_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+        raise UserError(f"train.warmup_ratio={ratio!r}: expected a number in [0, 1)")
+
+
+CHECKS += [
+    positive("train.lr"),
+    positive("train.max_steps"),  # null means "use train.epochs"
+    positive("train.epochs"),
+    positive("train.batch_size"),
+    positive("train.grad_accumulation"),
+    positive("train.max_length"),
+    positive("train.max_prompt_length"),
+    positive("train.max_grad_norm"),  # null disables clipping
+    positive("train.adam_eps"),
+    positive("train.probe_every"),
+    positive("train.probe_batch_size"),
+    positive("train.reference_batch_size"),
+    non_negative("train.weight_decay"),
+    non_negative("train.probe_pairs"),
+    non_negative("train.checkpoint_every"),  # 0 = no checkpoints
+    check_train_choices,
+    check_train_lengths,
+    check_train_adam,
+]
