@@ -1,0 +1,219 @@
+"""lm-eval task configs: the offline local suite and the hub presets.
+
+Local suite (``eval.suite=local``): leaderboard-shaped tasks built from the pair artifact's held-out
+items, written as lm-eval YAML files with ``dataset_path: json`` and ABSOLUTE ``data_files`` into a
+small content-addressed artifact (stage ``eval_suite``), so that the base and every trained model
+read the same files and the bare ``lm_eval`` command line can use them too
+(``lm_eval --include_path <suite>/tasks --tasks local_mc,local_gen``).
+
+- ``multiple_choice`` (ARC's shape): "Question: ...\\nAnswer:" scored over the choices; acc, acc_norm.
+- ``generate`` (GSM8K's shape): greedy generation of a step-by-step solution ending in
+  ``#### <answer>``; exact_match after the strict-match and flexible-extract filters of lm-eval's
+  gsm8k.yaml.
+
+The first ``eval.fewshot_pool`` items of each file form the few-shot split (``train``); the rest are
+the test split, so a test item is never its own or another test item's shot.
+
+Hub presets (``eval.suite=hub``) name the harness's own tasks; ``missing_hub_datasets`` says which of
+their datasets are absent from the local caches, so an offline run stops before lm-eval starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import Artifact, build
+from pipeline.errors import UserError
+
+VERSION = 1
+STAGE = "eval_suite"
+TASK_DIR = "tasks"
+SHAPES = ("multiple_choice", "generate")
+# The generation stops where a new question would start, or at an end-of-turn token.
+STOP_SEQUENCES = ["Question:", "</s>", "<|im_end|>", "<|endoftext|>"]
+
+
+def local_suite_settings(eval_cfg: DictConfig) -> dict[str, Any]:
+    """The eval keys that change the task files (and so the suite key)."""
+    return {
+        "tasks": OmegaConf.to_container(eval_cfg.tasks, resolve=True),
+        "fewshot_pool": int(eval_cfg.fewshot_pool),
+        "max_gen_toks": int(eval_cfg.max_gen_toks),
+    }
+
+
+def read_items(path: Path) -> list[dict[str, Any]]:
+    items = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return items
+
+
+def check_items(path: Path, items: list[dict[str, Any]], shape: str) -> None:
+    needed = ("question", "choices", "answer") if shape == "multiple_choice" else ("question", "solution")
+    for number, item in enumerate(items, start=1):
+        absent = [key for key in needed if key not in item]
+        if absent:
+            raise UserError(f"{path}:{number}: missing field(s) {absent}; expected {list(needed)}")
+        if shape == "multiple_choice" and not (isinstance(item["answer"], int) and 0 <= item["answer"] < len(item["choices"])):
+            raise UserError(f"{path}:{number}: answer={item['answer']!r} is not an index into choices")
+        if shape == "generate" and "####" not in item["solution"]:
+            raise UserError(f"{path}:{number}: solution has no '#### <answer>' line")
+
+
+def task_config(name: str, spec: dict[str, Any], fewshot_file: Path, test_file: Path, max_gen_toks: int) -> dict[str, Any]:
+    """One lm-eval task config (the keys of lm-eval 0.4 task YAMLs, cf. arc_easy.yaml and gsm8k.yaml)."""
+    common = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"train": str(fewshot_file), "test": str(test_file)}},
+        "training_split": "train",
+        "fewshot_split": "train",
+        "test_split": "test",
+        "num_fewshot": int(spec["num_fewshot"]),
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "metadata": {"version": VERSION},
+    }
+    if spec["shape"] == "multiple_choice":
+        return {
+            **common,
+            "output_type": "multiple_choice",
+            "doc_to_target": "answer",
+            "doc_to_choice": "choices",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        }
+    return {
+        **common,
+        "output_type": "generate_until",
+        "doc_to_target": "{{solution}}",
+        "generation_kwargs": {"until": STOP_SEQUENCES, "do_sample": False, "temperature": 0.0,
+                              "max_gen_toks": int(max_gen_toks)},
+        "repeats": 1,
+        "metric_list": [{
+            "metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+            "ignore_case": True, "ignore_punctuation": False,
+            "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
+        }],
+        "filter_list": [
+            {"name": "strict-match", "filter": [
+                {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                {"function": "take_first"}]},
+            {"name": "flexible-extract", "filter": [
+                {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                {"function": "take_first"}]},
+        ],
+    }
+
+
+def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artifact:
+    """The suite artifact: few-shot/test JSONL splits and one YAML per task under ``tasks/``."""
+    settings = local_suite_settings(eval_cfg)
+    sources = {name: Path(pair.path) / spec["source"] for name, spec in settings["tasks"].items()}
+    for name, path in sources.items():
+        if not path.is_file():
+            raise UserError(f"{path}: not found; the local eval suite (task {name}) needs held-out items from the data "
+                            "(synthetic data writes them); use eval=none (preference metrics only) or eval=open_llm_v1 (hub)")
+        if settings["tasks"][name]["shape"] not in SHAPES:
+            raise UserError(f"eval.tasks.{name}.shape={settings['tasks'][name]['shape']!r}: expected one of {list(SHAPES)}")
+
+    def compute(workdir: Path) -> dict[str, Any]:
+        # YAML paths name the FINAL directory: the store renames <key>.partial to <key> when done.
+        final = workdir.parent / workdir.name.removesuffix(".partial")
+        (workdir / TASK_DIR).mkdir()
+        counts = {}
+        for name, spec in settings["tasks"].items():
+            items = read_items(sources[name])
+            check_items(sources[name], items, spec["shape"])
+            pool = settings["fewshot_pool"]
+            if len(items) <= pool or spec["num_fewshot"] > pool:
+                raise UserError(f"{sources[name]}: {len(items)} items; eval.fewshot_pool={pool} must be >= "
+                                f"eval.tasks.{name}.num_fewshot={spec['num_fewshot']} and leave test items")
+            for split, rows in (("fewshot", items[:pool]), ("test", items[pool:])):
+                (workdir / f"{name}_{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            config = task_config(name, spec, final / f"{name}_fewshot.jsonl", final / f"{name}_test.jsonl",
+                                 settings["max_gen_toks"])
+            (workdir / TASK_DIR / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            counts[name] = {"fewshot": pool, "test": len(items) - pool}
+        return {"items": counts}
+
+    return build(root, STAGE, VERSION, settings, {"pair": pair}, compute)
+
+
+# ---------------------------------------------------------------- hub presets
+
+
+def hub_dataset_paths(task_manager, names: list[str]) -> dict[str, set[str]]:
+    """Dataset ids each named task/group/tag reads, from lm-eval's task index (no dataset loaded)."""
+    from lm_eval.tasks._index import Kind
+
+    index = task_manager.task_index
+
+    def visit(spec: Any, found: set[str], seen: set[str]) -> None:
+        if isinstance(spec, dict):
+            if spec.get("dataset_path"):
+                found.add(str(spec["dataset_path"]))
+                return
+            spec = spec.get("task") or spec.get("group")
+        if not isinstance(spec, str) or spec in seen:
+            return
+        seen.add(spec)
+        entry = index.get(spec)
+        if entry is None:
+            raise UserError(f"eval.tasks: {spec!r} is not a task, group or tag of lm-eval")
+        if entry.kind == Kind.TAG:
+            for member in sorted(entry.tags):
+                visit(member, found, seen)
+        elif entry.kind == Kind.GROUP:
+            for child in (entry.cfg or {}).get("task", []):
+                visit(child, found, seen)
+        elif entry.cfg and entry.cfg.get("dataset_path"):
+            found.add(str(entry.cfg["dataset_path"]))
+
+    result = {}
+    for name in names:
+        found: set[str] = set()
+        visit(name, found, set())
+        result[name] = found
+    return result
+
+
+def dataset_cached(dataset_id: str) -> bool:
+    """True when the hub cache or the datasets cache holds the dataset (or it is a local path)."""
+    if os.path.exists(dataset_id):
+        return True
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+    hub_dir = Path(constants.HF_HUB_CACHE) / ("datasets--" + dataset_id.replace("/", "--"))
+    datasets_dir = Path(datasets_config.HF_DATASETS_CACHE) / dataset_id.replace("/", "___")
+    return any(path.is_dir() and any(path.iterdir()) for path in (hub_dir, datasets_dir))
+
+
+def offline() -> bool:
+    flags = (os.environ.get(name, "0").strip().lower() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag in ("1", "true", "yes", "on") for flag in flags)
+
+
+def require_hub_datasets(task_manager, names: list[str], preset: str) -> None:
+    """Offline, stop with one line listing the datasets a hub preset needs but the caches lack."""
+    if not offline():
+        return
+    needed = hub_dataset_paths(task_manager, names)
+    missing = sorted({dataset for datasets in needed.values() for dataset in datasets if not dataset_cached(dataset)})
+    if missing:
+        raise UserError(f"eval={preset}: offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and {len(missing)} dataset(s) "
+                        f"are not in the local cache: {', '.join(missing)}; run once with network access "
+                        "(unset HF_HUB_OFFLINE HF_DATASETS_OFFLINE), or use eval=local / eval=none")

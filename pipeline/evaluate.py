@@ -1,0 +1,284 @@
+"""Stage "evaluate": lm-eval benchmarks and preference metrics of a model, as an artifact.
+
+Two evaluation artifacts per run when "train" is among the stages:
+- the BASELINE: the base model (the reference), keyed only by the model, pair and reference artifacts
+  and the eval settings, so every method, beta and seed of a sweep shares one (computed once);
+- the TRAINED model's evaluation, keyed by the train artifact too; its manifest names the baseline
+  (``extra["baseline"] = {"key", "path"}``) so analysis can put the two side by side.
+Without "train" the stage returns the baseline itself.
+
+Artifact files:
+- ``lm_eval_results.json``: lm-eval's raw results (versions, n-shot, task configs, config incl. batch
+  size, limit and seeds) plus ``prefopt_settings`` (chat template, few-shot seed, shots, limit, batch).
+- ``scores.json``: {"tasks": {task: {metric: value}}, "headline": {task: metric}, "average": plain
+  mean of the headline metrics, "settings": {...}, "model": "base" | "trained"}.
+- ``samples/<task>.jsonl``: lm-eval's logged samples (prompts, responses, per-item metrics).
+- ``preference.json`` / ``preference_pairs.parquet``: reward accuracy, margins and log-prob shifts on
+  the held-out test pairs, from the reference artifact's cached per-token scores (never recomputed).
+  For the base model the policy IS the reference, so every shift is exactly 0.
+
+``eval=none`` keeps the stage: it writes the preference metrics and a scores.json without tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import Artifact, build
+from pipeline.errors import UserError
+
+VERSION = 1
+STAGE = "evaluate"
+SUITES = ("local", "hub", "none")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def eval_settings(eval_cfg: DictConfig) -> dict[str, Any]:
+    settings = OmegaConf.to_container(eval_cfg, resolve=True)
+    if settings["suite"] not in SUITES:
+        raise UserError(f"eval.suite={settings['suite']!r}: expected one of {list(SUITES)}")
+    return settings
+
+
+def headlines(settings: dict[str, Any]) -> dict[str, str]:
+    """Task (or subgroup) -> the metric that enters the average."""
+    chosen: dict[str, str] = {}
+    for task, spec in settings["tasks"].items():
+        headline = spec.get("headline")
+        if isinstance(headline, dict):
+            chosen.update(headline)
+        elif headline:
+            chosen[task] = headline
+    return chosen
+
+
+def lm_eval_arguments(settings: dict[str, Any]) -> dict[str, Any]:
+    """The simple_evaluate arguments that change scores; recorded in the results."""
+    chat = bool(settings["apply_chat_template"])
+    return {
+        "batch_size": int(settings["batch_size"]),
+        "limit": settings["limit"],
+        "apply_chat_template": chat,
+        "fewshot_as_multiturn": chat and bool(settings["fewshot_as_multiturn"]),
+        "fewshot_random_seed": int(settings["fewshot_seed"]),
+        "num_fewshot": {task: spec.get("num_fewshot") for task, spec in settings["tasks"].items()},
+    }
+
+
+# ---------------------------------------------------------------- lm-eval
+
+
+def load_tasks(settings: dict[str, Any], pair: Artifact, root: Path) -> tuple[Any, list[Any], dict[str, Any]]:
+    """(task manager, task list for simple_evaluate, provenance) for the configured suite."""
+    from lm_eval.tasks import TaskManager
+
+    from pipeline import eval_suite
+
+    names = list(settings["tasks"])
+    if settings["suite"] == "local":
+        suite = eval_suite.build_local_suite(OmegaConf.create(settings), pair, root)
+        manager = TaskManager(include_path=str(suite.path / eval_suite.TASK_DIR), include_defaults=False)
+        return manager, names, {"suite": {"key": suite.key, "path": str(suite.path)}}
+    manager = TaskManager()
+    eval_suite.require_hub_datasets(manager, names, settings["name"])
+    built = []
+    for name in names:
+        loaded = manager.load([name])
+        shots = settings["tasks"][name].get("num_fewshot")
+        if shots is not None:  # per-task shots: simple_evaluate's num_fewshot would set one for all
+            for task in loaded["tasks"].values():
+                task.set_config(key="num_fewshot", value=int(shots))
+        built.append(loaded["groups"].get(name) or loaded["tasks"][name])
+    return manager, built, {}
+
+
+def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's simple_evaluate on an HFLM wrapping the already-loaded model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    arguments = lm_eval_arguments(settings)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=arguments["batch_size"])
+    results = simple_evaluate(
+        model=lm, tasks=tasks, task_manager=manager, batch_size=arguments["batch_size"],
+        limit=arguments["limit"], log_samples=True,
+        apply_chat_template=arguments["apply_chat_template"],
+        fewshot_as_multiturn=arguments["fewshot_as_multiturn"],
+        fewshot_random_seed=arguments["fewshot_random_seed"],
+    )
+    results["prefopt_settings"] = arguments
+    return results
+
+
+def flat_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """lm-eval's "acc,none" / "exact_match,strict-match" keys as "acc" / "exact_match_strict-match"."""
+    scores: dict[str, dict[str, float]] = {}
+    for task, entry in results.get("results", {}).items():
+        metrics = {}
+        for key, value in entry.items():
+            if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, filter_name = key.split(",", 1)
+            metrics[metric if filter_name == "none" else f"{metric}_{filter_name}"] = float(value)
+        scores[task] = metrics
+    return scores
+
+
+def write_lm_eval_outputs(results: dict[str, Any], workdir: Path) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    samples = results.pop("samples", {})
+    (workdir / "samples").mkdir(exist_ok=True)
+    for task, rows in samples.items():
+        with (workdir / "samples" / f"{task}.jsonl").open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=handle_non_serializable) + "\n")
+    (workdir / "lm_eval_results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+
+
+def scores_document(scores: dict[str, dict[str, float]], settings: dict[str, Any], label: str) -> dict[str, Any]:
+    chosen = headlines(settings) if settings["suite"] != "none" else {}
+    values = []
+    for task, metric in chosen.items():
+        if metric not in scores.get(task, {}):
+            raise UserError(f"eval.tasks headline {task}:{metric}: lm-eval reported {sorted(scores.get(task, {}))} for {task}")
+        values.append(scores[task][metric])
+    return {
+        "model": label,
+        "preset": settings["name"],
+        "tasks": scores,
+        "headline": chosen,
+        "average": sum(values) / len(values) if values else None,
+        "settings": {**lm_eval_arguments(settings), "suite": settings["suite"]},
+    }
+
+
+# ---------------------------------------------------------------- preference metrics
+
+
+def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, reference: Artifact, is_base: bool,
+                       workdir: Path) -> dict[str, Any]:
+    """Preference metrics on the held-out test pairs; reference scores come from the reference artifact."""
+    import pandas as pd
+
+    from pipeline.preference_metrics import pair_table, summarise
+    from pipeline.reference import load_reference
+    from pipeline.scoring import score_pairs
+
+    pairs = pd.read_parquet(Path(pair.path) / "pairs.parquet")
+    test_rows = [i for i, split in enumerate(pairs["split"]) if split == "test"]
+    test_pairs = pairs.iloc[test_rows].reset_index(drop=True)
+    reference_scored = load_reference(reference).select(test_rows)
+    if is_base:
+        policy_scored = reference_scored  # the base model is the reference: rho = 0 exactly, no forward pass
+    else:
+        limits = scoring_limits(cfg)
+        policy_scored = score_pairs(model, tokenizer, test_pairs, limits["max_length"], limits["max_prompt_length"],
+                                    int(cfg.eval.preference_batch_size))
+    table = pair_table(policy_scored, reference_scored, test_pairs)
+    summary = summarise(table)
+    table.to_parquet(workdir / "preference_pairs.parquet", index=False)
+    (workdir / "preference.json").write_text(json.dumps(summary, indent=2, default=_json_number))
+    return summary
+
+
+def scoring_limits(cfg: DictConfig) -> dict[str, int]:
+    # The same truncation the reference scores were computed with, so policy and reference align.
+    return {"max_length": int(cfg.train.max_length), "max_prompt_length": int(cfg.train.max_prompt_length)}
+
+
+def _json_number(value: Any) -> Any:
+    return float(value) if hasattr(value, "__float__") else str(value)
+
+
+# ---------------------------------------------------------------- one model
+
+
+def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifact, upstream: dict[str, Artifact],
+                   baseline: Artifact | None = None) -> Artifact:
+    """Evaluate one model (``label`` "base" or "trained") into its own artifact.
+
+    ``model_source`` is the artifact holding the weights (the model artifact, or the train artifact's
+    ``model/``); ``upstream`` the artifacts that key this evaluation.
+    """
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    settings = eval_settings(cfg.eval)
+    pair, reference = upstream["pair"], upstream["reference"]
+    # No method, train or run-seed keys: the baseline must be shared by every job of a sweep.
+    subset = {"eval": settings, "model": label, "scoring": scoring_limits(cfg)}
+
+    def compute(workdir: Path) -> dict[str, Any]:
+        extra: dict[str, Any] = {"model": label}
+        if baseline is not None:
+            extra["baseline"] = {"key": baseline.key, "path": str(baseline.path)}
+        if settings["suite"] != "none":  # tasks first: a missing dataset stops us before the model loads
+            manager, tasks, provenance = load_tasks(settings, pair, root)
+            extra.update(provenance)
+        model = load_causal_lm(model_source, cfg.model)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
+        scores: dict[str, dict[str, float]] = {}
+        if settings["suite"] != "none":
+            results = run_lm_eval(model, tokenizer, manager, tasks, settings)
+            scores = flat_scores(results)
+            write_lm_eval_outputs(results, workdir)
+        document = scores_document(scores, settings, label)
+        document["preference"] = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
+        (workdir / "scores.json").write_text(json.dumps(document, indent=2, default=_json_number))
+        extra["average"] = document["average"]
+        return extra
+
+    return build(root, STAGE, VERSION, subset, upstream, compute)
+
+
+# ---------------------------------------------------------------- stage
+
+
+def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
+    base_inputs = {name: upstream[name] for name in ("model", "pair", "reference")}
+    baseline = evaluate_model(cfg, root, "base", upstream["model"], base_inputs)
+    artifact = baseline
+    if "train" in upstream:
+        artifact = evaluate_model(cfg, root, "trained", upstream["train"], dict(upstream), baseline=baseline)
+    track(cfg, artifact, baseline)
+    return artifact
+
+
+def track(cfg: DictConfig, artifact: Artifact, baseline: Artifact) -> None:
+    """Metrics (eval/<task>/<metric>) and a base-vs-trained results table, in the run's W&B group."""
+    import pandas as pd
+
+    from pipeline.tracking import start_run
+
+    tracker = start_run(cfg, job_type=STAGE)
+    try:
+        rows, metrics = [], {}
+        for art in dict.fromkeys([baseline, artifact]):  # one row set per distinct artifact
+            document = json.loads((art.path / "scores.json").read_text())
+            for task, values in document["tasks"].items():
+                for metric, value in values.items():
+                    rows.append({"model": document["model"], "task": task, "metric": metric, "value": value,
+                                 "artifact": art.key})
+            for metric, value in (document.get("preference") or {}).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    rows.append({"model": document["model"], "task": "preference", "metric": metric,
+                                 "value": float(value), "artifact": art.key})
+            if art == artifact:
+                metrics = {f"eval/{row['task']}/{row['metric']}": row["value"] for row in rows if row["artifact"] == art.key}
+                if document["average"] is not None:
+                    metrics["eval/average"] = document["average"]
+        tracker.log(metrics)
+        tracker.summary(metrics)
+        tracker.log_table("eval/results", pd.DataFrame(rows))
+    finally:
+        tracker.finish()
