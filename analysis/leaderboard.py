@@ -1,0 +1,144 @@
+"""F6: the leaderboard per method (tasks plus average, reference row first, like Smaug's table).
+
+Each cell is the task's headline metric (``scores.json`` "headline") of the evaluate
+artifact; with several seeds per setting, "mean ± std" over seeds. Written as
+Markdown and LaTeX tables and a grouped bar chart. ``preference_table`` gives the
+held-out preference metrics per method in the same shape, for the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.collect import REFERENCE
+from analysis.plotting import colors, mean_pm_std, nonempty, ordered_labels, plt, save, seed_stats
+
+NAME = "f6_leaderboard"
+PREFERENCE_METRICS = {
+    "pairs/reward_accuracy": "reward accuracy",
+    "pairs/rho_chosen_mean": "mean rho(chosen)",
+    "pairs/rho_rejected_mean": "mean rho(rejected)",
+    "pairs/chosen_after_diff_mean_logp": "chosen logp after diff",
+}
+
+
+def headline_metrics(tables: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """task -> results metric name of its headline score, in the order the eval stage lists them."""
+    results = tables["results"]
+    known = set(results["metric"].dropna())
+    out: dict[str, str] = {}
+    headlines = tables.get("headlines", pd.DataFrame())
+    for row in headlines.itertuples() if len(headlines) else []:
+        for candidate in (f"eval/{row.task}/{row.metric}", f"eval/{row.task}/{row.metric},none"):
+            if candidate in known and row.task not in out:
+                out[row.task] = candidate
+    if not out:  # no headline recorded: the first non-stderr metric of each task
+        for metric in sorted(known):
+            parts = metric.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and "stderr" not in parts[2]:
+                out.setdefault(parts[1], metric)
+    return out
+
+
+def _stats_table(tables: dict[str, pd.DataFrame], columns: dict[str, str]) -> pd.DataFrame:
+    """Long table label, column, mean, std, count for the given results metrics (name -> column title)."""
+    results = tables["results"]
+    rows = results[results["metric"].isin(columns.keys())].dropna(subset=["value"])
+    if rows.empty:
+        return pd.DataFrame(columns=["label", "column", "mean", "std", "count"])
+    stats = seed_stats(rows, ["label", "metric"])
+    return stats.assign(column=stats["metric"].map(columns)).drop(columns="metric")
+
+
+def leaderboard_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Long table: label, column (task or "average"), mean, std, count."""
+    if not nonempty(tables, "results", "metric"):
+        return pd.DataFrame()
+    columns = {metric: task for task, metric in headline_metrics(tables).items()}
+    columns["eval/average"] = "average"
+    return _stats_table(tables, columns)
+
+
+def preference_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    if not nonempty(tables, "results", "metric"):
+        return pd.DataFrame()
+    return _stats_table(tables, PREFERENCE_METRICS)
+
+
+def _wide(tables: dict[str, pd.DataFrame], long: pd.DataFrame, digits: int) -> tuple[list[str], list[list[str]]]:
+    titles = list(dict.fromkeys(long["column"]))
+    if "average" in titles:  # average last, as in Smaug's table
+        titles = [t for t in titles if t != "average"] + ["average"]
+    labels = ordered_labels(tables, long["label"])
+    labels = sorted(labels, key=lambda label: not label.startswith(REFERENCE))
+    body = []
+    for label in labels:
+        cells = [label]
+        for title in titles:
+            match = long[(long["label"] == label) & (long["column"] == title)]
+            cells.append(mean_pm_std(*match.iloc[0][["mean", "std", "count"]], digits=digits) if len(match) else "–")
+        body.append(cells)
+    return ["method"] + titles, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def latex(header: list[str], body: list[list[str]], caption: str) -> str:
+    def esc(text: str) -> str:
+        text = text.replace("\\", r"\textbackslash{}")
+        for char in "_&%#$":
+            text = text.replace(char, "\\" + char)
+        return text.replace("±", r"$\pm$").replace("–", "--")
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(esc(c) for c in row) + r" \\" for row in body]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(caption)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def report_tables(tables: dict[str, pd.DataFrame]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """(header, rows) of the leaderboard and the preference table, for the report; absent ones left out."""
+    out = {}
+    for name, long in (("leaderboard", leaderboard_table(tables)), ("preference", preference_table(tables))):
+        if len(long):
+            out[name] = _wide(tables, long, 4)
+    return out
+
+
+def _bar_chart(tables: dict[str, pd.DataFrame], long: pd.DataFrame, out_dir: Path) -> list[Path]:
+    header, _ = _wide(tables, long, 4)
+    titles = header[1:]
+    labels = sorted(ordered_labels(tables, long["label"]), key=lambda label: not label.startswith(REFERENCE))
+    palette = colors(labels)
+    width = 0.8 / len(labels)
+    x = np.arange(len(titles))
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(titles) * len(labels) + 2), 3.8))
+    for i, label in enumerate(labels):
+        rows = long[long["label"] == label].set_index("column").reindex(titles)
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, rows["mean"], width,
+               yerr=rows["std"].where(rows["count"] > 1), color=palette[label], label=label, capsize=3)
+    ax.set_xticks(x, titles, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("score")
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, NAME)
+
+
+def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
+    long = leaderboard_table(tables)
+    if long.empty:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, body = _wide(tables, long, 4)
+    md, tex = out_dir / f"{NAME}.md", out_dir / f"{NAME}.tex"
+    md.write_text(markdown(header, body))
+    tex.write_text(latex(header, body, "Evaluation scores per method (headline metric per task; "
+                                       "mean ± std over seeds where there are several)."))
+    return _bar_chart(tables, long, out_dir) + [md, tex]

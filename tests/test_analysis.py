@@ -1,0 +1,255 @@
+"""Analysis: artifacts -> tidy table -> figures and report, on small artifact dirs written in the stages' formats.
+
+The fixture writes real artifacts through ``pipeline.artifacts.build`` (manifests included) with
+hand-chosen numbers, and run records the way the orchestrator writes them; the tests check that
+every number of the table and the leaderboard traces back to those numbers and keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from analysis import fig_beta_lambda, fig_edit_distance, fig_logp_shift, leaderboard
+from analysis.__main__ import main as analysis_main
+from analysis.collect import collect, find_run_records
+from analysis.report import FIGURES, generate
+from pipeline.artifacts import build
+from pipeline.errors import UserError
+
+BUCKETS = ("low", "high")
+TASKS = {"arith_mc": "acc,none", "arith_gen": "exact_match,none"}
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value))
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_pair(root: Path):
+    def compute(work: Path):
+        rows = []
+        for i in range(12):
+            low = i % 2 == 0
+            ned = 0.04 + 0.01 * i if low else 0.7 + 0.02 * i
+            rows.append({"pair_id": f"p{i}", "prompt": "q", "chosen": "a", "rejected": "b",
+                         "source": "metamath_like" if low else "arc_like", "kind": "corrupt_step" if low else "wrong_answer",
+                         "split": "test" if i < 4 else "train", "char_distance": int(ned * 100), "char_ned": ned,
+                         "token_distance": int(ned * 30), "token_ned": ned * 0.9, "bucket": "low" if low else "high"})
+        pd.DataFrame(rows).to_parquet(work / "pairs.parquet", index=False)
+        write_json(work / "stats.json", {"bucket_unit": "char_ned", "bucket_edges": [0.0, 0.2, 1.0],
+                                         "bucket_labels": list(BUCKETS)})
+        (work / "histogram.png").write_bytes(b"png")
+    return build(root, "pair", 1, {"pairing": {"unit": "char_ned", "bucket_edges": [0.0, 0.2, 1.0]}}, {}, compute)
+
+
+def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, baseline=None):
+    """Evaluate artifact; ``shift`` sets the policy's log-prob shift on every held-out pair (0 = base)."""
+    def compute(work: Path):
+        write_json(work / "scores.json", {
+            "tasks": {task: {metric: scores[task], metric.replace(",", "_stderr,"): 0.01} for task, metric in TASKS.items()},
+            "average": float(np.mean(list(scores.values()))), "headline": TASKS, "settings": {"suite": "local"},
+            "model": "base" if baseline is None else "trained"})
+        rows = []
+        for i, bucket in enumerate(("low", "high", "low", "high")):
+            ref_c, ref_r = -10.0 - i, -12.0 - i
+            rows.append({"pair_id": f"p{i}", "bucket": bucket, "kind": "k", "policy_chosen_logp": ref_c + shift,
+                         "policy_rejected_logp": ref_r + 2 * shift, "ref_chosen_logp": ref_c, "ref_rejected_logp": ref_r,
+                         "rho_chosen": shift + 0.1 * i, "rho_rejected": 2 * shift - 0.1 * i, "margin": -shift,
+                         "reward_correct": bool(shift < 0 or i % 2), "chosen_after_diff_mean_logp": -0.4 + shift / 10,
+                         "ref_chosen_after_diff_mean_logp": -0.4, "chosen_logit_shift": shift / 2 + 0.05 * i,
+                         "rejected_logit_shift": shift - 0.05 * i})
+        pd.DataFrame(rows).to_parquet(work / "preference_pairs.parquet", index=False)
+        write_json(work / "preference.json", {"overall": {"reward_accuracy": 0.5, "n": 4},
+                                              "by_bucket": {b: {"reward_accuracy": 0.5} for b in BUCKETS}})
+        return {"model": "base" if baseline is None else "trained",
+                **({"baseline": {"key": baseline.key, "path": str(baseline.path)}} if baseline else {})}
+    return build(root, "evaluate", 1, {"tag": tag}, {}, compute)
+
+
+def make_train(root: Path, tag: str, slope: float):
+    def compute(work: Path):
+        write_jsonl(work / "metrics.jsonl", [
+            {"step": s, "train/loss": 0.69 - 0.1 * s, "train/rewards/margins": 0.1 * s,
+             **{f"train/logps_shift/{side}/{b}": slope * s for side in ("chosen", "rejected") for b in BUCKETS}}
+            for s in (1, 2)])
+        write_jsonl(work / "trajectories.jsonl", [
+            {"step": s, "pair_id": f"p{i}", "bucket": BUCKETS[i], "kind": "k", "chosen_shift": slope * s,
+             "rejected_shift": (slope - 1) * s, "chosen_logit_shift": slope, "rejected_logit_shift": -1.0}
+            for s in (0, 1, 2) for i in range(2)])
+        write_json(work / "summary.json", {"steps": 2, "final": {"train/loss": 0.49}})
+    return build(root, "train", 1, {"tag": tag}, {}, compute)
+
+
+def make_sweep(tmp_path: Path, jobs: list[dict], name: str = "sweep") -> tuple[Path, dict]:
+    """Sweep dir with ``<n>/run.json`` per job; returns it and the artifacts made, by job number."""
+    root, sweep = tmp_path / "artifacts", tmp_path / "runs" / name / "2024-01-01_00-00-00"
+    pair = make_pair(root)
+    base = make_eval(root, "base", {"arith_mc": 0.5, "arith_gen": 0.25}, 0.0)
+    made = {"pair": pair, "base": base}
+    for n, job in enumerate(jobs):
+        tag = f"{job['method']}-{job.get('beta')}-{job.get('lambda_')}-{job.get('seed', 0)}"
+        artifacts = {"pair": pair}
+        if job.get("status", "ok") == "ok":
+            artifacts["train"] = make_train(root, tag, job["slope"])
+            artifacts["evaluate"] = make_eval(root, tag, job["scores"], job["slope"], baseline=base)
+        made[n] = artifacts
+        config = {"method": {"name": job["method"], "loss": job["method"], "beta": job.get("beta", 0.3),
+                             "lambda_": job.get("lambda_")},
+                  "pairing": {"bucket_filter": None}, "seed": job.get("seed", 0), "sweep_name": name}
+        record = {"sweep_name": name, "method": job["method"], "config": config, "status": job.get("status", "ok"),
+                  "artifacts": {s: {"key": a.key, "path": str(a.path), "cached": False} for s, a in artifacts.items()}}
+        if job.get("status") == "failed":
+            record["error"] = "RuntimeError: boom"
+        (sweep / str(n)).mkdir(parents=True)
+        write_json(sweep / str(n) / "run.json", record)
+    return sweep, made
+
+
+TWO_METHODS = [
+    {"method": "dpo", "slope": -0.5, "scores": {"arith_mc": 0.25, "arith_gen": 0.125}},
+    {"method": "dpop", "lambda_": 50, "slope": 0.25, "scores": {"arith_mc": 0.75, "arith_gen": 0.5}},
+    {"method": "dpo", "status": "failed"},
+]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return make_sweep(tmp_path, TWO_METHODS)
+
+
+def test_tidy_table_traces_numbers_to_artifact_keys(sweep):
+    sweep_dir, made = sweep
+    tables = collect(sweep_dir)
+    results = tables["results"]
+
+    def value(job, metric):
+        row = results[(results["job"] == job) & (results["metric"] == metric)]
+        assert len(row) == 1, (job, metric)
+        return row.iloc[0]
+
+    avg = value("0", "eval/average")
+    assert avg["value"] == pytest.approx(0.1875) and avg["artifact_key"] == made[0]["evaluate"].key
+    assert avg["method"] == "dpo" and avg["status"] == "ok" and avg["stage"] == "evaluate"
+    assert value("1", "eval/arith_mc/acc,none")["value"] == 0.75
+    assert value("1", "eval/average")["lambda_"] == 50.0
+    assert value("1", "train/loss" if False else "final/train/loss")["artifact_key"] == made[1]["train"].key
+    assert value("0", "probes/final/chosen_shift")["value"] == pytest.approx(-1.0)  # slope -0.5 x step 2
+    assert value("0", "pairs/low/rho_chosen_mean")["value"] == pytest.approx(-0.5 + 0.1)  # pairs 0 and 2
+    # the baseline appears once, as method "reference", with the base artifact's key
+    reference = results[results["method"] == "reference"]
+    assert set(reference["job"]) == {"reference"}
+    assert value("reference", "eval/average")["value"] == pytest.approx(0.375)
+    assert set(reference["artifact_key"]) == {made["base"].key}
+    # the failed job: one row, status failed, no metric
+    failed = results[results["job"] == "2"]
+    assert len(failed) == 1 and failed.iloc[0]["status"] == "failed" and pd.isna(failed.iloc[0]["metric"])
+    # per-step, probe and pair tables carry their artifact keys
+    assert set(tables["steps"]["artifact_key"]) == {made[0]["train"].key, made[1]["train"].key}
+    assert len(tables["probes"]) == 2 * 3 * 2
+    assert set(tables["pairs"].loc[tables["pairs"]["job"] == "reference", "artifact_key"]) == {made["base"].key}
+    assert json.loads(tables["pairings"].iloc[0]["bucket_edges"]) == [0.0, 0.2, 1.0]
+    assert list(tables["jobs"].sort_values("label_rank")["label"].unique()) == ["reference", "dpo", "dpop"]
+
+
+def test_python_m_analysis_writes_every_figure_table_and_report(sweep, capsys):
+    sweep_dir, made = sweep
+    assert analysis_main([str(sweep_dir)]) == 0
+    report = Path(capsys.readouterr().out.strip())
+    out = sweep_dir / "report"
+    assert report == out / "report.md"
+    figures = out / "figures"
+    for stem in ("f1_edit_distance", "f2_logp_shift", "f3_after_diff_logp", "f4_loglik_shift", "f5_logit_shift",
+                 "f6_leaderboard"):
+        for suffix in (".png", ".pdf"):
+            assert (figures / f"{stem}{suffix}").stat().st_size > 1000, stem + suffix
+    assert not list(figures.glob("f7_*"))  # beta and lambda do not vary
+    table = (figures / "f6_leaderboard.md").read_text()
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert list(lines) == ["reference", "dpo", "dpop"]
+    assert lines["reference"].rstrip(" |").endswith("0.3750") and "0.1875" in lines["dpo"] and "0.6250" in lines["dpop"]
+    assert "arith_mc" in table and "\\pm" not in table
+    assert "\\toprule" in (figures / "f6_leaderboard.tex").read_text()
+    results = pd.read_csv(out / "tables" / "results.csv")
+    assert set(results["job"].astype(str)) == {"0", "1", "2", "reference"}
+    assert (out / "tables" / "results.parquet").is_file()
+    text = report.read_text()
+    assert "figures/f2_logp_shift.png" in text and "0.1875" in text and "failed" in text
+    for stage in ("pair", "train", "evaluate"):  # links to every manifest used, relative and resolvable
+        assert (out / f"../../../../artifacts/{stage}/{made[0][stage].key}/manifest.json").resolve().is_file()
+        assert f"{stage}/{made[0][stage].key}/manifest.json" in text
+    html = (out / "report.html").read_text()
+    assert '<img src="figures/f1_edit_distance.png"' in html and "<table>" in html
+
+
+def test_f7_and_mean_std_only_when_beta_varies(tmp_path):
+    jobs = [{"method": "dpo", "beta": beta, "seed": seed, "slope": -beta,
+             "scores": {"arith_mc": beta + 0.1 * seed, "arith_gen": beta}}
+            for beta in (0.1, 1.0) for seed in (0, 1)]
+    sweep_dir, _ = make_sweep(tmp_path, jobs)
+    tables = collect(sweep_dir)
+    assert fig_beta_lambda.varied(tables) == [("dpo", "beta")]
+    paths = fig_beta_lambda.make(tables, tmp_path / "fig")
+    assert sorted(p.name for p in paths) == ["f7_beta_lambda.pdf", "f7_beta_lambda.png"]
+    table = dict(leaderboard.report_tables(tables))["leaderboard"]
+    rows = {r[0]: r for r in table[1]}
+    # two seeds per beta: average = beta + 0.05*seed -> mean beta + 0.025, std 0.0354
+    assert rows["dpo (beta=0.1)"][-1] == "0.1250 ± 0.0354"
+    assert rows["dpo (beta=1)"][-1] == "1.0250 ± 0.0354"
+    assert rows["reference"][-1] == "0.3750"
+
+
+def test_missing_inputs_skip_cleanly(tmp_path):
+    root = tmp_path / "artifacts"
+    pair = make_pair(root)
+    run_dir = tmp_path / "runs" / "adhoc" / "t"
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / "run.json", {"sweep_name": "adhoc", "method": "dpo", "status": "ok",
+                                      "config": {"method": {"name": "dpo", "beta": 0.1}, "seed": 0},
+                                      "artifacts": {"pair": {"key": pair.key, "path": str(pair.path)}}})
+    assert [job for job, _ in find_run_records(run_dir)] == ["t"]
+    tables = collect(run_dir)
+    for key, module, _, _ in FIGURES:
+        paths = module.make(tables, tmp_path / "fig")
+        assert (len(paths) == 2) if key == "F1" else paths == [], key
+    assert fig_logp_shift.make({"jobs": tables["jobs"]}, tmp_path / "fig") == []
+    assert fig_edit_distance.make({"jobs": tables["jobs"]}, tmp_path / "fig") == []
+    report = generate(run_dir, tmp_path / "out")
+    assert "F1" in report.read_text() and "Leaderboard" not in report.read_text()
+
+
+def test_bad_dir_is_one_line_user_error(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(UserError, match="no run.json found"):
+        collect(tmp_path / "empty")
+    assert analysis_main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "empty") in err
+    with pytest.raises(UserError, match="not a directory"):
+        collect(tmp_path / "missing")
+
+
+def test_analyse_stage_is_cached_on_rerun(tmp_path):
+    from pipeline import analyse
+
+    sweep_dir, made = make_sweep(tmp_path, TWO_METHODS[1:2])
+    cfg = OmegaConf.create({"method": {"name": "dpop", "beta": 0.3, "lambda_": 50}, "pairing": {"bucket_filter": None},
+                            "seed": 0, "sweep_name": "x"})
+    upstream = {"pair": made["pair"], "train": made[0]["train"], "evaluate": made[0]["evaluate"]}
+    first = analyse.run(cfg, upstream, tmp_path / "artifacts")
+    assert not first.cached and (first.path / "report.md").is_file()
+    assert (first.path / "figures" / "f2_logp_shift.pdf").is_file()
+    results = pd.read_parquet(first.path / "tables" / "results.parquet")
+    assert set(results["artifact_key"].dropna()) == {made[0]["train"].key, made[0]["evaluate"].key, made["base"].key}
+    links = [line for line in (first.path / "report.md").read_text().splitlines() if "manifest.json" in line]
+    assert links and all((first.path / line.split("](")[1].rstrip(")")).resolve().is_file() for line in links)
+    again = analyse.run(OmegaConf.merge(cfg, {"sweep_name": "y"}), upstream, tmp_path / "artifacts")
+    assert again.cached and again.key == first.key
