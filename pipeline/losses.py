@@ -197,7 +197,7 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     if normalisation == "batch_min":
         lengths = torch.cat([len_w, len_l])
         lengths = lengths[lengths > 0]
-        n_w = n_l = lengths.min().clamp_min(1) if lengths.numel() else torch.ones((), dtype=len_w.dtype)
+        n_w = n_l = lengths.min().clamp_min(1) if lengths.numel() else len_w.new_ones(())
     elif normalisation == "per_sequence":
         n_w, n_l = len_w.clamp_min(1), len_l.clamp_min(1)
     elif normalisation == "none":
