@@ -1,0 +1,98 @@
+"""Tokenisation and batching of preference pairs, shared by reference scoring, training and evaluation.
+
+Truncation rules (documented once, used everywhere):
+- The prompt is the rendered text the model conditions on (chat markers included). It is encoded
+  WITHOUT the tokenizer's automatic special tokens, because a rendered chat prompt already carries
+  them. Tokenizers that add a BOS by default (Llama, Mistral) get exactly one BOS in front when the
+  text does not already start with it, as in their pretraining; ChatML models (SmolLM2, Qwen, tiny)
+  add nothing.
+- A prompt longer than ``max_prompt_length`` tokens loses its START (the end, next to the response,
+  is kept); a kept BOS stays at position 0.
+- The response is encoded separately (no special tokens) and ends with ``eos_token_id``; it is cut
+  at its END so that prompt + response <= ``max_length`` (a cut response loses its EOS).
+- Chosen and rejected of a batch go through ONE forward: rows ``[0, B)`` are chosen, ``[B, 2B)``
+  rejected, right-padded with ``pad_id``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pipeline.errors import UserError
+
+
+def check_token_budget(max_length: int, max_prompt_length: int, prefix: str = "train") -> None:
+    """Leave room for at least one response token; named after the config keys."""
+    if int(max_prompt_length) < 1:
+        raise UserError(f"{prefix}.max_prompt_length={max_prompt_length}: expected an integer >= 1")
+    if int(max_length) <= int(max_prompt_length):
+        raise UserError(f"{prefix}.max_length={max_length}: must be greater than "
+                        f"{prefix}.max_prompt_length={max_prompt_length} (tokens left for the response)")
+
+
+def _bos_to_prepend(tokenizer) -> int | None:
+    """The BOS id when this tokenizer adds one by default (Llama/Mistral), else None (ChatML models)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    probe = tokenizer("a", add_special_tokens=True).input_ids
+    return bos if probe[:1] == [bos] else None
+
+
+def encode_response(tokenizer, prompt: str, response: str, max_length: int, max_prompt_length: int) -> tuple[list[int], int]:
+    """Token ids of prompt + response + EOS and the index of the first response token."""
+    check_token_budget(max_length, max_prompt_length)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: has no eos token")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    bos = _bos_to_prepend(tokenizer)
+    if bos is not None and prompt_ids[:1] == [bos]:
+        prompt_ids = prompt_ids[1:]
+    budget = max_prompt_length - (1 if bos is not None else 0)
+    prompt_ids = prompt_ids[len(prompt_ids) - budget:] if len(prompt_ids) > budget else prompt_ids
+    if bos is not None:
+        prompt_ids = [bos] + prompt_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    response_ids = response_ids[: max_length - len(prompt_ids)]
+    return list(prompt_ids) + list(response_ids), len(prompt_ids)
+
+
+@dataclass(frozen=True)
+class PairEncoding:
+    """One preference pair as token ids; ``*_start`` is the index of the first response token."""
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_start: int
+    rejected_start: int
+
+
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, max_prompt_length: int) -> PairEncoding:
+    chosen_ids, chosen_start = encode_response(tokenizer, prompt, chosen, max_length, max_prompt_length)
+    rejected_ids, rejected_start = encode_response(tokenizer, prompt, rejected, max_length, max_prompt_length)
+    return PairEncoding(chosen_ids, rejected_ids, chosen_start, rejected_start)
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
+                 max_length: int, max_prompt_length: int) -> list[PairEncoding]:
+    return [encode_pair(tokenizer, p, c, r, max_length, max_prompt_length) for p, c, r in zip(prompts, chosen, rejected)]
+
+
+def collate(encodings: Sequence[PairEncoding], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``response_mask`` of shape ``[2B, T]``.
+
+    Rows ``[0, B)`` are the chosen responses, rows ``[B, 2B)`` the rejected ones, in pair order.
+    """
+    rows = [(e.chosen_ids, e.chosen_start) for e in encodings] + [(e.rejected_ids, e.rejected_start) for e in encodings]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        response_mask[row, start: len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}

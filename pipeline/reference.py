@@ -1,0 +1,86 @@
+"""Stage "reference": per-token log-probs of the frozen reference model on every pair, computed once.
+
+Its key holds the model and pairs artifacts plus only what changes the numbers: the tokenisation
+budget (``train.max_length``, ``train.max_prompt_length``), the forward precision
+(``train.precision``: bf16 autocast or fp32, as the trainer's forward, so policy and reference agree
+at step 0) and the weights' loading dtype (``model.dtype``). Method, beta, seed and batch size are
+not in it, so every method, beta and seed of a sweep reuses one artifact; the manifest's
+``sequences_scored`` shows how many sequences went through the model, once.
+
+Artifact: ``reference.safetensors`` (``pipeline.scoring.ScoredPairs``: ragged fp32 per-token
+log-probs, observed-token logits and token ids of chosen and rejected, train AND test split) and
+``pair_ids.json`` (row order).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from pipeline.artifacts import Artifact, build
+from pipeline.batching import check_token_budget
+from pipeline.scoring import ScoredPairs, score_pairs
+
+VERSION = 1
+STAGE = "reference"
+SCORES_FILE = "reference.safetensors"
+PAIR_IDS_FILE = "pair_ids.json"
+PAIRS_FILE = "pairs.parquet"  # written by the pair stage
+PRECISIONS = ("fp32", "bf16")
+
+
+def config_subset(cfg: DictConfig) -> dict[str, Any]:
+    check_token_budget(cfg.train.max_length, cfg.train.max_prompt_length)
+    return {
+        "max_length": int(cfg.train.max_length),
+        "max_prompt_length": int(cfg.train.max_prompt_length),
+        "precision": str(cfg.train.precision),
+        "model_dtype": str(cfg.model.dtype),
+    }
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    subset = config_subset(cfg)
+    inputs = {"model": upstream["model"], "pair": upstream["pair"]}
+
+    def compute(workdir: Path) -> dict[str, Any]:
+        pairs = pd.read_parquet(Path(inputs["pair"].path) / PAIRS_FILE)  # every split: probes and evaluation need test pairs
+        tokenizer = load_tokenizer(inputs["model"], trust_remote_code=bool(cfg.model.trust_remote_code))
+        model = load_causal_lm(inputs["model"], cfg.model, trainable=False).to(device())
+        scored = score_pairs(model, tokenizer, pairs, subset["max_length"], subset["max_prompt_length"],
+                             int(cfg.train.reference_batch_size), precision=subset["precision"],
+                             desc="reference log-probs")
+        scored.save(workdir / SCORES_FILE)
+        (workdir / PAIR_IDS_FILE).write_text(json.dumps(scored.pair_ids))
+        return {"pairs": len(scored), "sequences_scored": 2 * len(scored), **token_stats(scored, tokenizer.eos_token_id)}
+
+    return build(root, STAGE, VERSION, subset, inputs, compute)
+
+
+def token_stats(scored: ScoredPairs, eos_id: int) -> dict[str, int]:
+    """Response tokens scored and how many responses lost their EOS to ``train.max_length``."""
+    stats = {}
+    for side in ("chosen", "rejected"):
+        lengths = scored.lengths(side)
+        stats[f"{side}_tokens"] = int(lengths.sum())
+        ends = scored.offsets[side][1:] - 1
+        has_tokens = lengths > 0
+        last = scored.token_id_values[side][ends[has_tokens]]
+        stats[f"{side}_truncated"] = int((last != eos_id).sum()) + int((~has_tokens).sum())
+    return stats
+
+
+def load_reference(artifact: Artifact) -> ScoredPairs:
+    """The reference scores of a reference artifact (rows in ``pair_ids.json`` order)."""
+    return ScoredPairs.load(Path(artifact.path) / SCORES_FILE)

@@ -1,0 +1,184 @@
+"""Score every pair's chosen and rejected response under a model: ragged per-token results.
+
+Used by the reference stage (once per sweep), the trainer's probe trajectories and evaluation.
+For each pair and side it keeps, over the RESPONSE tokens only (the EOS included), the fp32
+log-prob of the observed token, its raw logit (for the logit-shift analysis) and its id (for
+Smaug's first-difference index). Rows are stored flat with offsets, as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline.batching import PairEncoding, collate, encode_pairs
+from pipeline.logprobs import score_tokens
+
+SIDES = ("chosen", "rejected")
+FORMAT = "prefopt.scored_pairs/1"
+
+
+@dataclass
+class ScoredPairs:
+    """Ragged per-response-token scores of N pairs; row ``i`` of each side is ``flat[offsets[i]:offsets[i+1]]``."""
+
+    pair_ids: list[Any]
+    logps: dict[str, torch.Tensor]  # side -> fp32 [total tokens]
+    token_id_values: dict[str, torch.Tensor]  # side -> int64 [total tokens]
+    offsets: dict[str, torch.Tensor]  # side -> int64 [N+1]
+    logits: dict[str, torch.Tensor] | None = None  # side -> fp32 [total tokens] observed-token logits
+    _index: dict[Any, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {pair_id: row for row, pair_id in enumerate(self.pair_ids)}
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def _span(self, side: str, i: int) -> slice:
+        offsets = self.offsets[_side(side)]
+        return slice(int(offsets[i]), int(offsets[i + 1]))
+
+    def token_logps(self, side: str, i: int) -> torch.Tensor:
+        return self.logps[_side(side)][self._span(side, i)]
+
+    def observed_logits(self, side: str, i: int) -> torch.Tensor:
+        if self.logits is None:
+            raise ValueError("these scores were computed with with_logits=False")
+        return self.logits[_side(side)][self._span(side, i)]
+
+    def token_ids(self, side: str, i: int) -> torch.Tensor:
+        return self.token_id_values[_side(side)][self._span(side, i)]
+
+    def lengths(self, side: str) -> torch.Tensor:
+        return self.offsets[_side(side)].diff()
+
+    def seq_logps(self, side: str) -> torch.Tensor:
+        """Summed response log-prob per pair, fp32 ``[N]`` (summed in float64)."""
+        flat, offsets = self.logps[_side(side)], self.offsets[_side(side)]
+        cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), flat.double().cumsum(0)])
+        return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]).float()
+
+    def row(self, pair_id: Any) -> int:
+        return self._index[pair_id]
+
+    def select(self, rows: Sequence[int]) -> "ScoredPairs":
+        """A new ScoredPairs with these rows, in this order."""
+        return _from_rows([self.pair_ids[i] for i in rows], {
+            side: [(self.token_logps(side, i), self.token_ids(side, i),
+                    None if self.logits is None else self.observed_logits(side, i)) for i in rows]
+            for side in SIDES
+        }, with_logits=self.logits is not None)
+
+    def save(self, path: Path | str) -> None:
+        tensors = {}
+        for side in SIDES:
+            tensors[f"{side}.logps"] = self.logps[side].contiguous()
+            tensors[f"{side}.token_ids"] = self.token_id_values[side].contiguous()
+            tensors[f"{side}.offsets"] = self.offsets[side].contiguous()
+            if self.logits is not None:
+                tensors[f"{side}.logits"] = self.logits[side].contiguous()
+        save_file(tensors, str(path), metadata={"format": FORMAT, "pair_ids": json.dumps(self.pair_ids)})
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ScoredPairs":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a scored-pairs file (format {metadata.get('format')!r})")
+        tensors = load_file(str(path))
+        has_logits = f"{SIDES[0]}.logits" in tensors
+        return cls(
+            pair_ids=json.loads(metadata["pair_ids"]),
+            logps={s: tensors[f"{s}.logps"] for s in SIDES},
+            token_id_values={s: tensors[f"{s}.token_ids"] for s in SIDES},
+            offsets={s: tensors[f"{s}.offsets"] for s in SIDES},
+            logits={s: tensors[f"{s}.logits"] for s in SIDES} if has_logits else None,
+        )
+
+
+def _side(side: str) -> str:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return side
+
+
+def _from_rows(pair_ids: list[Any], rows: dict[str, list[tuple]], with_logits: bool) -> ScoredPairs:
+    def flat(items: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat(items).to(dtype) if items else torch.zeros(0, dtype=dtype)
+
+    logps, ids, offsets, logits = {}, {}, {}, {}
+    for side in SIDES:
+        side_rows = rows[side]
+        logps[side] = flat([r[0] for r in side_rows], torch.float32)
+        ids[side] = flat([r[1] for r in side_rows], torch.long)
+        lengths = torch.tensor([0] + [len(r[0]) for r in side_rows], dtype=torch.long)
+        offsets[side] = lengths.cumsum(0)
+        if with_logits:
+            logits[side] = flat([r[2] for r in side_rows], torch.float32)
+    return ScoredPairs(list(pair_ids), logps, ids, offsets, logits if with_logits else None)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast when ``precision == "bf16"`` (as the trainer's forward), else plain fp32/native."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, batch_size: int, pair_ids: Sequence[Any],
+                    with_logits: bool = True, precision: str = "fp32", progress: bool = True,
+                    desc: str = "scoring pairs") -> ScoredPairs:
+    """Forward chosen and rejected of each batch in one pass; batches are length-sorted to cut padding."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(encodings)), key=lambda i: -max(len(encodings[i].chosen_ids), len(encodings[i].rejected_ids)))
+    results: dict[int, dict[str, tuple]] = {}
+    bar = tqdm(total=len(encodings), desc=desc, unit="pair", disable=not progress)
+    try:
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin: begin + batch_size]
+            batch = {k: v.to(device) for k, v in collate([encodings[i] for i in rows], pad_id).items()}
+            with autocast_context(device, precision):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            scores = score_tokens(logits, batch["input_ids"], batch["response_mask"])
+            keep = scores.mask.bool().cpu()
+            token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), batch["input_ids"][:, 1:].cpu()
+            for j, row in enumerate(rows):
+                results[row] = {}
+                for s, side in enumerate(SIDES):
+                    k = j + s * len(rows)
+                    results[row][side] = (token_logps[k][keep[k]], targets[k][keep[k]],
+                                          observed[k][keep[k]] if with_logits else None)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        model.train(was_training)
+    ordered = {side: [results[i][side] for i in range(len(encodings))] for side in SIDES}
+    return _from_rows(list(pair_ids), ordered, with_logits)
+
+
+def score_pairs(model, tokenizer, pairs_df, max_length: int, max_prompt_length: int, batch_size: int,
+                with_logits: bool = True, precision: str = "fp32", progress: bool = True,
+                desc: str = "scoring pairs") -> ScoredPairs:
+    """Score every row of ``pairs_df`` (columns pair_id, prompt, chosen, rejected) under ``model``."""
+    encodings = encode_pairs(tokenizer, list(pairs_df["prompt"]), list(pairs_df["chosen"]), list(pairs_df["rejected"]),
+                             int(max_length), int(max_prompt_length))
+    pair_ids = [_plain(v) for v in pairs_df["pair_id"]]
+    return score_encodings(model, encodings, tokenizer.pad_token_id, int(batch_size), pair_ids,
+                           with_logits=with_logits, precision=precision, progress=progress, desc=desc)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python values, so pair ids survive JSON."""
+    return value.item() if hasattr(value, "item") else value
