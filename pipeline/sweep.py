@@ -61,6 +61,19 @@ def write_summary(sweep_dir: Path, table: pd.DataFrame) -> None:
     (sweep_dir / "summary.md").write_text(table.to_markdown(index=False) if not table.empty else "no jobs\n")
 
 
+def mirror_to_tracker(config: DictConfig, report_dir: Path) -> None:
+    """Log the sweep's figures and tables to one sweep-level W&B run (artifacts stay the source)."""
+    from pipeline.tracking import start_run
+
+    with start_run(config, job_type="analyse", name=f"{config.sweep_name}-analysis") as tracker:
+        if not tracker.enabled:
+            return
+        for image in sorted((report_dir / "figures").glob("*.png")):
+            tracker.log_image(f"figures/{image.stem}", image)
+        for table in sorted((report_dir / "tables").glob("*.csv")):
+            tracker.log_table(f"tables/{table.stem}", pd.read_csv(table))
+
+
 class SweepSummary(Callback):
     """Hydra callback (see conf/config.yaml `hydra.callbacks`)."""
 
@@ -83,6 +96,8 @@ class SweepSummary(Callback):
 
     @staticmethod
     def analyse(config: DictConfig, sweep_dir: Path) -> None:
-        from analysis.report import build_report  # heavy (matplotlib); only when asked
-        report = build_report(sweep_dir)
+        from analysis.report import generate  # heavy (matplotlib); only when asked
+
+        report = generate(sweep_dir)
         print(f"[analyse] report {report}", flush=True)
+        mirror_to_tracker(config, report.parent)
