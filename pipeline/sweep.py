@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestrate import RUN_RECORD
 
@@ -65,7 +65,8 @@ def mirror_to_tracker(config: DictConfig, report_dir: Path) -> None:
     """Log the sweep's figures and tables to one sweep-level W&B run (artifacts stay the source)."""
     from pipeline.tracking import start_run
 
-    with start_run(config, job_type="analyse", name=f"{config.sweep_name}-analysis") as tracker:
+    job_config = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    with start_run(job_config, job_type="analyse", name=f"{config.sweep_name}-analysis") as tracker:
         if not tracker.enabled:
             return
         for image in sorted((report_dir / "figures").glob("*.png")):
