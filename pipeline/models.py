@@ -241,3 +241,23 @@ def load_causal_lm(target: Artifact | str | Path, model_cfg: DictConfig, dtype: 
             r=int(lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
     return model
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """Config checks run before anything loads (pipeline/validate.py CHECKS)."""
+    model_cfg = OmegaConf.select(cfg, "model")
+    if model_cfg is None:
+        return
+    if model_cfg.get("dtype") is not None:
+        torch_dtype(str(model_cfg.dtype))
+    lora = model_cfg.get("lora")
+    if lora is not None and lora.get("enabled"):
+        for key in ("r", "alpha"):
+            if not (isinstance(lora.get(key), (int, float)) and lora.get(key) > 0):
+                raise UserError(f"model.lora.{key}={lora.get(key)!r}: expected a number > 0")
+        if not lora.get("target_modules"):
+            raise UserError("model.lora.target_modules: expected a non-empty list of module names, e.g. [q_proj,v_proj]")
+    source = resolve_source(model_cfg)  # unknown source, missing hub_id or GGUF settings
+    stages = OmegaConf.select(cfg, "stages", default=None)
+    if source["kind"] == "hub" and stages:  # offline and not cached: say so now, not after pairing
+        ensure_hub_reachable(source)

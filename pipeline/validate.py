@@ -163,3 +163,12 @@ CHECKS += [
     check_train_lengths,
     check_train_adam,
 ]
+
+
+# Model (conf/model/): source, dtype, LoRA values; offline hub models must already be cached.
+def check_model(cfg: DictConfig) -> None:
+    from pipeline.models import check_model_config  # lazy: pulls in torch
+    check_model_config(cfg)
+
+
+CHECKS += [check_model]

@@ -131,3 +131,15 @@ def test_smollm2_gguf_conversion(tmp_path, monkeypatch):
         output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert "5" in answer, answer
+
+
+def test_validate_checks_model_keys_before_loading(make_config, monkeypatch):
+    from pipeline.validate import validate
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    validate(make_config("model=tiny"))
+    with pytest.raises(UserError, match="model.dtype"):
+        validate(make_config("model=tiny", "model.dtype=fp64"))
+    with pytest.raises(UserError, match="model.lora.r"):
+        validate(make_config("model=tiny", "model.lora.enabled=true", "model.lora.r=0"))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        validate(make_config("model=qwen2_5_7b"))
