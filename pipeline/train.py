@@ -52,7 +52,7 @@ CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
 METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
 TRAJECTORY_COLUMNS = {  # trajectories.jsonl field -> pair_table column
     "pair_id": "pair_id", "bucket": "bucket", "kind": "kind",
-    "chosen_logp": "chosen_logp", "rejected_logp": "rejected_logp",
+    "chosen_logp": "policy_chosen_logp", "rejected_logp": "policy_rejected_logp",
     "ref_chosen_logp": "ref_chosen_logp", "ref_rejected_logp": "ref_rejected_logp",
     "chosen_shift": "rho_chosen", "rejected_shift": "rho_rejected",
     "chosen_after_diff_mean_logp": "chosen_after_diff_mean_logp",
@@ -111,6 +111,12 @@ def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[i
     return train_rows, probe_rows
 
 
+def json_value(value: Any) -> Any:
+    """Plain JSON: numpy scalars become Python values, nan/inf become null."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("a") as handle:
         for row in rows:
@@ -138,6 +144,8 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     train_rows, probe_rows = select_rows(cfg, pairs)
     tokenizer = load_tokenizer(upstream["model"])
     reference = load_reference(upstream["reference"])
+    if [str(v) for v in reference.pair_ids] != pairs["pair_id"].astype(str).tolist():
+        raise RuntimeError(f"{upstream['reference'].path}: reference rows do not follow pairs.parquet's row order")
     max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
     encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length)
 
@@ -244,7 +252,7 @@ def check_finite(accelerator, loss: torch.Tensor, step: int, workdir: Path, chec
     if bool(finite.min() < 1):
         state = load_checkpoint(workdir) if checkpoint_every else None
         kept = f"the last good checkpoint (step {state['step']}) is kept in {workdir}" if state else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"train: loss is {float(loss):.4g} (not finite) at step {step}; {kept}; "
+        raise TrainingDiverged(f"train: loss is {float(loss.detach()):.4g} (not finite) at step {step}; {kept}; "
                                "lower train.lr or check the data")
 
 
@@ -261,13 +269,11 @@ class ProbeRecorder:
     """Per-example log-prob trajectories on a fixed set of held-out pairs (Smaug Fig. 4, BNF's shifts)."""
 
     def __init__(self, cfg: DictConfig, pairs: pd.DataFrame, rows: list[int], tokenizer, reference, path: Path, tracker):
-        from pipeline.scoring import subset_scored
-
         self.pairs = pairs.iloc[rows].reset_index(drop=True)
-        self.reference = subset_scored(reference, rows) if rows else None
+        self.reference = reference if rows else None  # pair_table matches rows by pair_id
         self.tokenizer, self.path, self.tracker = tokenizer, path, tracker
         self.max_length, self.max_prompt_length = int(cfg.train.max_length), int(cfg.train.max_prompt_length)
-        self.batch_size = int(cfg.train.probe_batch_size)
+        self.batch_size, self.precision = int(cfg.train.probe_batch_size), str(cfg.train.precision)
 
     def record(self, model, step: int) -> None:
         if self.reference is None:
@@ -279,10 +285,10 @@ class ProbeRecorder:
         model.eval()
         with torch.no_grad():
             scored = score_pairs(model, self.tokenizer, self.pairs, self.max_length, self.max_prompt_length,
-                                 self.batch_size)
+                                 self.batch_size, precision=self.precision, progress=False)
         model.train(was_training)
         table = pair_table(scored, self.reference, self.pairs)
-        rows = [{"step": step, **{field: record[column] for field, column in TRAJECTORY_COLUMNS.items()}}
+        rows = [{"step": step, **{field: json_value(record[column]) for field, column in TRAJECTORY_COLUMNS.items()}}
                 for record in table.to_dict("records")]
         append_jsonl(self.path, rows)
         self.tracker.log({"probe/margin": float(table["margin"].mean()),

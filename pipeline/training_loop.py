@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.batching import collate, encode_response
+from pipeline.batching import collate, encode_pair
 from pipeline.logprobs import score_tokens
 from pipeline.losses import LossInput, LossOutput
 
@@ -109,8 +109,8 @@ class PairEncodings:
         encodings = {}
         for row in rows:
             record = pairs.iloc[row]
-            encodings[row] = tuple(encode_response(tokenizer, record["prompt"], record[side], max_length, max_prompt_length)
-                                   for side in SIDES)
+            encodings[row] = encode_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"],
+                                         max_length, max_prompt_length)
         return cls(encodings)
 
     def collate(self, rows: Sequence[int], pad_id: int) -> dict[str, Tensor]:
