@@ -1,0 +1,195 @@
+"""Deterministic arithmetic word problems and the preference pairs Smaug built from them.
+
+No preference data can be downloaded here, so the embedded default generates its own
+(DESIGN.md, "Data for the embedded default"). A problem is 2-4 steps on small numbers
+with a step-by-step solution ending in ``#### <answer>``, e.g.::
+
+    Tom has 3 apples and buys 5 more, so he has 3 + 5 = 8 apples.
+    He gives away 2, so he has 8 - 2 = 6 apples.
+    #### 6
+
+Pair kinds (one kind per problem, drawn with ``kind_mix`` weights):
+- ``corrupt_step``: chosen = the solution, rejected = the same text with ONE intermediate
+  result changed, final answer untouched (Smaug's MetaMath recipe: low edit distance).
+- ``wrong_solution``: rejected = a different, wrong line of reasoning with a wrong answer
+  (high edit distance).
+- ``mc_distractor``: the question with lettered options; chosen = the correct option's
+  text, rejected = each distractor's text, one pair per distractor (Smaug's ARC recipe).
+Held-out evaluation problems come from the same generator but never share a question
+with a training problem.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Nina")
+PRONOUN = {"Tom": "He", "Sam": "He", "Ben": "He", "Jack": "He", "Leo": "He", "Max": "He"}
+ITEMS = ("apples", "books", "coins", "pencils", "stickers", "marbles", "cookies", "cards", "shells", "stamps")
+GAIN = ("buys", "finds", "gets", "is given")
+LOSS = ("gives away", "eats", "loses", "sells")
+KINDS = ("corrupt_step", "wrong_solution", "mc_distractor")
+OPTION_LETTERS = string.ascii_uppercase
+
+
+@dataclass
+class Step:
+    op: str        # "+", "-", "*"
+    operand: int
+    before: int
+    after: int
+    verb: str
+
+
+@dataclass
+class Problem:
+    name: str
+    item: str
+    start: int
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1].after
+
+    @property
+    def pronoun(self) -> str:
+        return PRONOUN.get(self.name, "She")
+
+    def question(self) -> str:
+        parts = [f"{self.name} has {self.start} {self.item}."]
+        for step in self.steps:
+            parts.append(f"Then {self.pronoun.lower()} {action(step, self.item)}.")
+        parts.append(f"How many {self.item} does {self.name} have now?")
+        return " ".join(parts)
+
+
+def action(step: Step, item: str) -> str:
+    if step.op == "*":
+        return "doubles them" if step.operand == 2 else "triples them"
+    return f"{step.verb} {step.operand} {'more ' if step.op == '+' else ''}{item}"
+
+
+def step_line(problem: Problem, index: int, results: list[int]) -> str:
+    """One solution line; ``results`` may hold a corrupted value for this step."""
+    step = problem.steps[index]
+    before = step.before  # the true value: a corrupted result appears exactly once
+    subject = problem.name if index == 0 else problem.pronoun
+    verb = "double" if step.operand == 2 else "triple"
+    doing = (f"{verb}s them" if step.op == "*" else f"{step.verb} {step.operand}{' more' if step.op == '+' else ''}")
+    lead = f"{subject} has {before} {problem.item} and {doing}" if index == 0 else f"{subject} {doing}"
+    return f"{lead}, so {problem.pronoun.lower()} has {before} {step.op} {step.operand} = {results[index]} {problem.item}."
+
+
+def solution(problem: Problem, results: list[int] | None = None) -> str:
+    results = results or [step.after for step in problem.steps]
+    lines = [step_line(problem, i, results) for i in range(len(problem.steps))]
+    return "\n".join(lines + [f"#### {problem.answer}"])
+
+
+def make_problem(rng: random.Random) -> Problem:
+    problem = Problem(name=rng.choice(NAMES), item=rng.choice(ITEMS), start=rng.randint(2, 12))
+    value = problem.start
+    for _ in range(rng.randint(2, 4)):
+        choices = ["+"] * 3 + (["-"] * 3 if value > 3 else []) + (["*"] if value <= 10 else [])
+        op = rng.choice(choices)
+        if op == "+":
+            operand = rng.randint(2, min(10, max(2, 20 - value)))  # >= 2: "1 more apples" reads badly
+            step = Step("+", operand, value, value + operand, rng.choice(GAIN))
+        elif op == "-":
+            operand = rng.randint(2, value - 1)
+            step = Step("-", operand, value, value - operand, rng.choice(LOSS))
+        else:
+            operand = 2 if value > 6 else rng.choice((2, 3))
+            step = Step("*", operand, value, value * operand, "")
+        problem.steps.append(step)
+        value = step.after
+    return problem
+
+
+def corrupt_step(problem: Problem, rng: random.Random) -> str:
+    """The solution with one intermediate result changed once (later lines keep the true value)."""
+    index = rng.randrange(len(problem.steps) - 1)  # never the last step: the final answer stays
+    results = [step.after for step in problem.steps]
+    true = results[index]
+    results[index] = rng.choice([v for v in range(max(0, true - 3), true + 4) if v != true])
+    return solution(problem, results)
+
+
+def wrong_answer(problem: Problem, rng: random.Random) -> tuple[str, int]:
+    """A different wrong line of reasoning: add up every number in the question."""
+    numbers = [problem.start] + [step.operand for step in problem.steps]
+    total = sum(numbers)
+    text = f"We add all the numbers: {' + '.join(map(str, numbers))} = {total}.\n#### {total}"
+    if total != problem.answer:
+        return text, total
+    # The naive sum happened to be right: count the steps instead (a different wrong method).
+    wrong = problem.answer + rng.choice((-2, -1, 1, 2))
+    return f"{problem.name} ends with the first number plus the changes, which is {wrong}.\n#### {wrong}", wrong
+
+
+def distractors(problem: Problem, rng: random.Random, count: int = 3) -> list[int]:
+    pool = {problem.answer + d for d in (-3, -2, -1, 1, 2, 3, 5)} | {step.after for step in problem.steps[:-1]}
+    pool |= {sum([problem.start] + [s.operand for s in problem.steps])}
+    pool = sorted(v for v in pool if v >= 0 and v != problem.answer)
+    return rng.sample(pool, count)
+
+
+def mc_item(problem: Problem, rng: random.Random) -> tuple[str, list[str], int]:
+    """(question, choices, answer index) with the options shuffled deterministically."""
+    options = [problem.answer] + distractors(problem, rng)
+    rng.shuffle(options)
+    return problem.question(), [str(o) for o in options], options.index(problem.answer)
+
+
+def mc_prompt(question: str, choices: list[str]) -> str:
+    lines = [question] + [f"{OPTION_LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join(lines + ["Answer:"])
+
+
+def pairs_for(problem: Problem, kind: str, rng: random.Random) -> list[dict[str, Any]]:
+    question, correct = problem.question(), solution(problem)
+    if kind == "corrupt_step":
+        return [{"raw_prompt": question, "chosen": correct, "rejected": corrupt_step(problem, rng), "kind": kind}]
+    if kind == "wrong_solution":
+        return [{"raw_prompt": question, "chosen": correct, "rejected": wrong_answer(problem, rng)[0], "kind": kind}]
+    question, choices, answer = mc_item(problem, rng)
+    prompt = mc_prompt(question, choices)
+    return [{"raw_prompt": prompt, "chosen": choices[answer], "rejected": choice, "kind": kind}
+            for i, choice in enumerate(choices) if i != answer]
+
+
+def unique_problems(rng: random.Random, count: int, exclude: set[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    for _ in range(count * 50):  # the space of questions is huge; the bound only guards a bad config
+        if len(problems) == count:
+            break
+        problem = make_problem(rng)
+        if problem.question() not in exclude:
+            exclude.add(problem.question())
+            problems.append(problem)
+    return problems
+
+
+def generate(seed: int, num_problems: int, num_eval_items: int, kind_mix: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+    """Training pairs and held-out evaluation items, all a pure function of the arguments."""
+    rng = random.Random(f"synthetic_math:{seed}")
+    kinds = [k for k in KINDS if float(kind_mix.get(k, 0)) > 0]
+    weights = [float(kind_mix[k]) for k in kinds]
+    seen: set[str] = set()
+    train = unique_problems(rng, num_problems, seen)
+    held_out = unique_problems(rng, num_eval_items, seen)  # `seen` keeps them disjoint by question
+    pairs = []
+    for problem in train:
+        pairs.extend(pairs_for(problem, rng.choices(kinds, weights)[0], rng))
+    eval_mc, eval_gen = [], []
+    for number, problem in enumerate(held_out):
+        question, choices, answer = mc_item(problem, rng)
+        eval_mc.append({"id": f"mc-{number:05d}", "question": question, "choices": choices, "answer": answer})
+        eval_gen.append({"id": f"gen-{number:05d}", "question": problem.question(),
+                         "solution": solution(problem), "answer": str(problem.answer)})
+    return {"pairs": pairs, "eval_mc": eval_mc, "eval_gen": eval_gen,
+            "train_questions": [p.question() for p in train]}

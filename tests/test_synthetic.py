@@ -1,0 +1,94 @@
+"""The synthetic arithmetic generator: correct, deterministic, the three pair kinds, disjoint eval items."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline.distance import pairwise_distances
+from pipeline.synthetic import generate
+
+MIX = {"corrupt_step": 0.45, "wrong_solution": 0.3, "mc_distractor": 0.25}
+EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(0, 400, 100, MIX)
+
+
+def by_kind(data, kind):
+    return [p for p in data["pairs"] if p["kind"] == kind]
+
+
+def final_answer(text):
+    return text.rsplit("#### ", 1)[1].strip()
+
+
+def test_default_size_and_mix(data):
+    assert 500 <= len(data["pairs"]) <= 700
+    counts = {k: len(by_kind(data, k)) for k in MIX}
+    assert all(n > 50 for n in counts.values()), counts
+    assert len(data["eval_mc"]) == len(data["eval_gen"]) == 100
+
+
+def test_deterministic_and_seed_dependent(data):
+    assert generate(0, 400, 100, MIX) == data
+    assert generate(1, 400, 100, MIX)["pairs"] != data["pairs"]
+
+
+def test_chosen_solutions_are_correct_arithmetic(data):
+    for pair in by_kind(data, "corrupt_step") + by_kind(data, "wrong_solution"):
+        lines = pair["chosen"].splitlines()
+        assert 2 <= len(lines) - 1 <= 4 and lines[-1].startswith("#### ")
+        results = []
+        for line in lines[:-1]:
+            a, op, b, c = EQUATION.search(line).groups()
+            assert OPS[op](int(a), int(b)) == int(c), line
+            assert int(c) <= 40
+            results.append(c)
+        assert final_answer(pair["chosen"]) == results[-1]
+
+
+def test_corrupt_step_changes_one_intermediate_result_only(data):
+    for pair in by_kind(data, "corrupt_step"):
+        chosen, rejected = pair["chosen"].splitlines(), pair["rejected"].splitlines()
+        differing = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r]
+        assert len(differing) == 1 and differing[0] < len(chosen) - 2  # not the last step, not the answer
+        assert final_answer(pair["chosen"]) == final_answer(pair["rejected"])
+        a, op, b, c = EQUATION.search(rejected[differing[0]]).groups()
+        assert OPS[op](int(a), int(b)) != int(c)  # the corrupted result is wrong
+    _, ned = pairwise_distances([p["chosen"] for p in by_kind(data, "corrupt_step")],
+                                [p["rejected"] for p in by_kind(data, "corrupt_step")])
+    assert ned.max() < 0.05
+
+
+def test_wrong_solution_has_a_wrong_answer_and_high_distance(data):
+    pairs = by_kind(data, "wrong_solution")
+    assert all(final_answer(p["chosen"]) != final_answer(p["rejected"]) for p in pairs)
+    _, ned = pairwise_distances([p["chosen"] for p in pairs], [p["rejected"] for p in pairs])
+    assert ned.min() > 0.4
+
+
+def test_mc_distractor_pairs_follow_the_arc_recipe(data):
+    pairs = by_kind(data, "mc_distractor")
+    prompts = {}
+    for pair in pairs:
+        prompts.setdefault(pair["raw_prompt"], []).append(pair)
+        assert re.search(r"\nA\. .+\nB\. .+\nC\. .+\nD\. .+\nAnswer:$", pair["raw_prompt"])
+        assert pair["chosen"] != pair["rejected"]
+    assert all(len(group) == 3 for group in prompts.values())  # one pair per distractor
+
+
+def test_eval_items_are_well_formed_and_disjoint_from_training_problems(data):
+    train_questions = set(data["train_questions"])
+    for mc, gen in zip(data["eval_mc"], data["eval_gen"]):
+        assert set(mc) == {"id", "question", "choices", "answer"} and set(gen) == {"id", "question", "solution", "answer"}
+        assert mc["question"] not in train_questions and gen["question"] not in train_questions
+        assert len(mc["choices"]) == 4 and len(set(mc["choices"])) == 4
+        assert mc["choices"][mc["answer"]] == gen["answer"] == final_answer(gen["solution"])
+    training_texts = "\n".join(p["raw_prompt"] for p in data["pairs"])
+    assert not any(gen["question"] in training_texts for gen in data["eval_gen"])
+    assert len({m["id"] for m in data["eval_mc"]}) == 100
