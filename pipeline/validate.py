@@ -172,3 +172,52 @@ def check_model(cfg: DictConfig) -> None:
 
 
 CHECKS += [check_model]
+
+
+# Data and pairing (conf/data/, conf/pairing/): choices and shapes, before any file is read.
+def check_data_and_pairing(cfg: DictConfig) -> None:
+    from pipeline.adapters import SCHEMAS, STRATEGIES  # lazy: keeps `validate` import light
+    from pipeline.distance import UNITS
+    source = select(cfg, "data.source")
+    if source is not None and source not in ("synthetic", "local", "hub"):
+        raise UserError(f"data.source={source!r}: expected synthetic, local or hub")
+    if source == "hub" and not select(cfg, "data.hub_id"):
+        raise UserError("data.hub_id: required for data.source=hub (e.g. data.hub_id=Anthropic/hh-rlhf)")
+    schema = select(cfg, "data.schema")
+    if schema is not None and schema not in ("auto", *SCHEMAS):
+        raise UserError(f"data.schema={schema!r}: expected auto or one of {list(SCHEMAS)}")
+    strategy = select(cfg, "data.multi_completion_strategy")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise UserError(f"data.multi_completion_strategy={strategy!r}: expected one of {list(STRATEGIES)}")
+    mix = select(cfg, "data.kind_mix")
+    if mix is not None:
+        unknown = sorted(set(mix) - {"corrupt_step", "wrong_solution", "mc_distractor"})
+        weights = [mix[k] for k in mix]
+        if unknown or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise UserError(f"data.kind_mix={dict(mix)}: expected weights >= 0 (sum > 0) for corrupt_step, wrong_solution, mc_distractor")
+    unit = select(cfg, "pairing.unit")
+    if unit is not None and unit not in UNITS:
+        raise UserError(f"pairing.unit={unit!r}: expected one of {list(UNITS)}")
+    edges = select(cfg, "pairing.bucket_edges")
+    if edges is not None:
+        edges = list(edges)
+        if len(edges) < 2 or not all(isinstance(e, (int, float)) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise UserError(f"pairing.bucket_edges={edges}: expected at least two strictly increasing numbers")
+        labels = select(cfg, "pairing.bucket_labels")
+        names = list(labels) if labels is not None else (["low", "high"] if len(edges) == 3 else [f"b{i}" for i in range(len(edges) - 1)])
+        if len(names) != len(edges) - 1:
+            raise UserError(f"pairing.bucket_labels={names}: expected {len(edges) - 1} names for {len(edges)} edges")
+        bucket_filter = select(cfg, "pairing.bucket_filter")
+        if bucket_filter is not None and str(bucket_filter) not in names:
+            raise UserError(f"pairing.bucket_filter={bucket_filter!r}: expected null or one of {names}")
+    elif select(cfg, "pairing.unit") is not None and not (isinstance(select(cfg, "pairing.quantiles"), int) and select(cfg, "pairing.quantiles") >= 1):
+        raise UserError("pairing.quantiles: expected an integer >= 1 when pairing.bucket_edges is null (e.g. pairing.quantiles=4)")
+
+
+CHECKS += [
+    check_data_and_pairing,
+    positive("data.num_problems"),
+    non_negative("data.num_eval_items"),
+    non_negative("data.min_score_gap"),
+    positive("data.limit"),  # null = all rows
+]
