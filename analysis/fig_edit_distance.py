@@ -1,6 +1,7 @@
 """F1: edit-distance histograms per data source, with the bucket edges.
 
-One row of panels per pairing artifact and data source; columns are the character
+One row of panels per pairing artifact and data source (per pair kind when a single source
+mixes kinds, as the synthetic MetaMath/ARC-style data does); columns are the character
 and token normalised edit distances (Smaug reports ~6.5% for MetaMath-style pairs,
 ~90% for ARC-style). The bucket edges are drawn on the unit the pairing bucketed by.
 """
@@ -33,12 +34,17 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     columns = [c for c in NORMALISED if c in data.columns] + sorted(u for u in units - set(NORMALISED) if u in data.columns)
     if not columns:
         return []
+    data = data.assign(source=data["source"].astype(str))
+    if data["source"].nunique() == 1 and "kind" in data and data["kind"].nunique() > 1:
+        data = data.assign(source=data["source"] + ": " + data["kind"].astype(str))
     panels = [(key, source) for key in dict.fromkeys(data["artifact_key"]) for source in
               dict.fromkeys(data.loc[data["artifact_key"] == key, "source"])]
     fig, axes = plt.subplots(len(panels), len(columns), figsize=(4.2 * len(columns), 2.6 * len(panels)),
                              squeeze=False)
     bins = np.linspace(0, 1, 41)
     several_pairings = data["artifact_key"].nunique() > 1
+    all_buckets = buckets_in_order(data["bucket"].astype(str)) if "bucket" in data else []
+    bucket_colors = {b: f"C{i % 10}" for i, b in enumerate(all_buckets)}  # same colour for a bucket everywhere
     for row, (key, source) in enumerate(panels):
         subset = data[(data["artifact_key"] == key) & (data["source"] == source)]
         match = pairings[pairings["artifact_key"] == key] if len(pairings) else pairings
@@ -51,7 +57,7 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
                 groups = [(b, subset.loc[subset["bucket"].astype(str) == b, column].dropna())
                           for b in buckets_in_order(subset["bucket"])]
                 ax.hist([g for _, g in groups], bins=bins if column in NORMALISED else 30, stacked=True,
-                        label=[f"bucket {b}" for b, _ in groups])
+                        label=[f"bucket {b}" for b, _ in groups], color=[bucket_colors[b] for b, _ in groups])
             else:
                 ax.hist(subset[column].dropna(), bins=bins if column in NORMALISED else 30)
             if edges and (edge_column is None or edge_column == column):
@@ -61,6 +67,6 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(column + (" (bucket unit)" if column == edge_column else ""))
             ax.set_ylabel("pairs")
-            if row == 0 and col == 0 and "bucket" in subset:
+            if col == 0 and "bucket" in subset:
                 ax.legend(fontsize=7)
     return save(fig, out_dir, NAME)

@@ -1,6 +1,6 @@
 """F5: observed-token logit shift per method (BNF paper), chosen vs rejected.
 
-Per held-out pair, the change of the observed token's logit against the reference, as
+Per held-out pair, the mean over response tokens of the observed token's logit minus the reference's, as
 the evaluate stage stores it (``chosen_logit_shift``, ``rejected_logit_shift`` in
 preference_pairs.parquet); violins per method (label), chosen left, rejected right.
 """
