@@ -84,8 +84,10 @@ def _wide(tables: dict[str, pd.DataFrame], long: pd.DataFrame, digits: int) -> t
     return ["method"] + titles, body
 
 
-def markdown(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+def markdown(header: list[str], body: list[list[str]], numeric: bool = True) -> str:
+    """A Markdown table; ``numeric`` right-aligns every column after the first."""
+    align = ["---"] + ["---:" if numeric else "---"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
