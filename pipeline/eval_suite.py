@@ -217,3 +217,50 @@ def require_hub_datasets(task_manager, names: list[str], preset: str) -> None:
         raise UserError(f"eval={preset}: offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and {len(missing)} dataset(s) "
                         f"are not in the local cache: {', '.join(missing)}; run once with network access "
                         "(unset HF_HUB_OFFLINE HF_DATASETS_OFFLINE), or use eval=local / eval=none")
+
+
+# ---------------------------------------------------------------- config checks (pipeline/validate.py CHECKS)
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """eval.* values that need no data: suite, shapes, shots, limit, batch size, headlines."""
+    eval_cfg = OmegaConf.select(cfg, "eval")
+    if eval_cfg is None:
+        return
+    suite = eval_cfg.get("suite")
+    if suite not in ("local", "hub", "none"):
+        raise UserError(f"eval.suite={suite!r}: expected one of ['local', 'hub', 'none']")
+    for key in ("batch_size", "preference_batch_size"):
+        value = eval_cfg.get(key)
+        if not (isinstance(value, int) and value > 0):
+            raise UserError(f"eval.{key}={value!r}: expected an integer > 0")
+    limit = eval_cfg.get("limit")
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        raise UserError(f"eval.limit={limit!r}: expected null, a count > 0, or a fraction in (0, 1)")
+    if suite == "none":
+        return
+    if not eval_cfg.get("tasks"):
+        raise UserError(f"eval.tasks: empty for eval.suite={suite}; name at least one task, or use eval=none")
+    for name, spec in eval_cfg.tasks.items():
+        shots = spec.get("num_fewshot")
+        if shots is not None and not (isinstance(shots, int) and shots >= 0):
+            raise UserError(f"eval.tasks.{name}.num_fewshot={shots!r}: expected an integer >= 0 (or null for a hub task's own)")
+        if not spec.get("headline"):
+            raise UserError(f"eval.tasks.{name}.headline: required (the metric that enters the average), e.g. acc_norm")
+        if suite == "local":
+            if spec.get("shape") not in SHAPES:
+                raise UserError(f"eval.tasks.{name}.shape={spec.get('shape')!r}: expected one of {list(SHAPES)}")
+            if shots is None or shots > int(eval_cfg.fewshot_pool):
+                raise UserError(f"eval.tasks.{name}.num_fewshot={shots!r}: local tasks need 0 <= shots <= "
+                                f"eval.fewshot_pool={eval_cfg.fewshot_pool}")
+    if suite == "local" and not (isinstance(eval_cfg.get("max_gen_toks"), int) and eval_cfg.max_gen_toks > 0):
+        raise UserError(f"eval.max_gen_toks={eval_cfg.get('max_gen_toks')!r}: expected an integer > 0")
+
+
+def check_eval_hub_datasets(cfg: DictConfig) -> None:
+    """Offline hub presets fail here, before any model loads, naming the missing datasets."""
+    stages = OmegaConf.select(cfg, "stages", default=[]) or []
+    if "evaluate" not in stages or OmegaConf.select(cfg, "eval.suite") != "hub" or not offline():
+        return
+    from lm_eval.tasks import TaskManager
+    require_hub_datasets(TaskManager(), list(cfg.eval.tasks), str(cfg.eval.name))

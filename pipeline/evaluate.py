@@ -23,6 +23,7 @@ Artifact files:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,25 @@ def load_tasks(settings: dict[str, Any], pair: Artifact, root: Path) -> tuple[An
 
 def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
     """lm-eval's simple_evaluate on an HFLM wrapping the already-loaded model."""
+    import datasets
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     arguments = lm_eval_arguments(settings)
+    # Passing a loaded model is intended (one loader for every stage); silence lm-eval's warning about it.
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=arguments["batch_size"])
-    results = simple_evaluate(
-        model=lm, tasks=tasks, task_manager=manager, batch_size=arguments["batch_size"],
-        limit=arguments["limit"], log_samples=True,
-        apply_chat_template=arguments["apply_chat_template"],
-        fewshot_as_multiturn=arguments["fewshot_as_multiturn"],
-        fewshot_random_seed=arguments["fewshot_random_seed"],
-    )
+    datasets.disable_progress_bars()  # "Generating split" bars per task file; lm-eval's own bars stay
+    try:
+        results = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, batch_size=arguments["batch_size"],
+            limit=arguments["limit"], log_samples=True,
+            apply_chat_template=arguments["apply_chat_template"],
+            fewshot_as_multiturn=arguments["fewshot_as_multiturn"],
+            fewshot_random_seed=arguments["fewshot_random_seed"],
+        )
+    finally:
+        datasets.enable_progress_bars()
     results["prefopt_settings"] = arguments
     return results
 
@@ -167,22 +175,25 @@ def scores_document(scores: dict[str, dict[str, float]], settings: dict[str, Any
 def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, reference: Artifact, is_base: bool,
                        workdir: Path) -> dict[str, Any]:
     """Preference metrics on the held-out test pairs; reference scores come from the reference artifact."""
-    import pandas as pd
-
+    from pipeline.pair import load_pairs
     from pipeline.preference_metrics import pair_table, summarise
     from pipeline.reference import load_reference
     from pipeline.scoring import score_pairs
 
-    pairs = pd.read_parquet(Path(pair.path) / "pairs.parquet")
+    pairs = load_pairs(pair)
     test_rows = [i for i, split in enumerate(pairs["split"]) if split == "test"]
+    if not test_rows:
+        raise UserError(f"{Path(pair.path) / 'pairs.parquet'}: no pairs with split == 'test'; "
+                        "preference metrics need held-out pairs (pairing.test_fraction > 0)")
     test_pairs = pairs.iloc[test_rows].reset_index(drop=True)
-    reference_scored = load_reference(reference).select(test_rows)
+    reference_scored = load_reference(reference).select(test_rows)  # cached: never recomputed
     if is_base:
-        policy_scored = reference_scored  # the base model is the reference: rho = 0 exactly, no forward pass
+        policy_scored = reference_scored  # the base model IS the reference: rho = 0 exactly, no forward pass
     else:
-        limits = scoring_limits(cfg)
-        policy_scored = score_pairs(model, tokenizer, test_pairs, limits["max_length"], limits["max_prompt_length"],
-                                    int(cfg.eval.preference_batch_size))
+        scoring = scoring_settings(cfg)
+        policy_scored = score_pairs(model, tokenizer, test_pairs, scoring["max_length"], scoring["max_prompt_length"],
+                                    int(cfg.eval.preference_batch_size), precision=scoring["precision"],
+                                    desc="policy log-probs (test pairs)")
     table = pair_table(policy_scored, reference_scored, test_pairs)
     summary = summarise(table)
     table.to_parquet(workdir / "preference_pairs.parquet", index=False)
@@ -190,9 +201,10 @@ def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, refere
     return summary
 
 
-def scoring_limits(cfg: DictConfig) -> dict[str, int]:
-    # The same truncation the reference scores were computed with, so policy and reference align.
-    return {"max_length": int(cfg.train.max_length), "max_prompt_length": int(cfg.train.max_prompt_length)}
+def scoring_settings(cfg: DictConfig) -> dict[str, Any]:
+    # The truncation and autocast the reference scores were computed with, so policy and reference align.
+    return {"max_length": int(cfg.train.max_length), "max_prompt_length": int(cfg.train.max_prompt_length),
+            "precision": str(cfg.train.precision)}
 
 
 def _json_number(value: Any) -> Any:
@@ -214,7 +226,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
     settings = eval_settings(cfg.eval)
     pair, reference = upstream["pair"], upstream["reference"]
     # No method, train or run-seed keys: the baseline must be shared by every job of a sweep.
-    subset = {"eval": settings, "model": label, "scoring": scoring_limits(cfg)}
+    subset = {"eval": settings, "model": label, "scoring": scoring_settings(cfg)}
 
     def compute(workdir: Path) -> dict[str, Any]:
         extra: dict[str, Any] = {"model": label}
@@ -223,9 +235,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
         if settings["suite"] != "none":  # tasks first: a missing dataset stops us before the model loads
             manager, tasks, provenance = load_tasks(settings, pair, root)
             extra.update(provenance)
-        model = load_causal_lm(model_source, cfg.model)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        model = load_causal_lm(model_source, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
         scores: dict[str, dict[str, float]] = {}
         if settings["suite"] != "none":

@@ -165,6 +165,12 @@ CHECKS += [
 ]
 
 
+# Evaluation (conf/eval/): value checks, and offline hub presets whose datasets are not cached.
+from pipeline.eval_suite import check_eval_config, check_eval_hub_datasets  # noqa: E402
+
+CHECKS += [check_eval_config, check_eval_hub_datasets]
+
+
 # Model (conf/model/): source, dtype, LoRA values; offline hub models must already be cached.
 def check_model(cfg: DictConfig) -> None:
     from pipeline.models import check_model_config  # lazy: pulls in torch

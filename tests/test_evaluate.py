@@ -1,0 +1,199 @@
+"""Evaluation stage through the real lm-eval harness on the tiny model (and SmolLM2, slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import eval_suite, evaluate
+from pipeline.artifacts import Artifact
+from pipeline.errors import UserError
+from pipeline.orchestrate import Run
+from tests.conftest import compose_config
+
+# Small everything: ~28 pairs, 14 held-out items (8 few-shot + 6 test), 2 training steps, 3 items per task.
+FAST = (
+    "model=tiny", "logger=none", "data.num_problems=16", "data.num_eval_items=14", "pairing.test_fraction=0.2",
+    "train.max_steps=2", "train.batch_size=2", "train.max_length=128", "train.max_prompt_length=64",
+    "train.probe_pairs=2", "train.checkpoint_every=0", "train.progress=false",
+    "eval.limit=3", "eval.max_gen_toks=16",
+)
+
+
+def run_pipeline(root: Path, run_dir: Path, *overrides: str) -> dict:
+    cfg = compose_config(f"artifacts_dir={root}", *FAST, *overrides)
+    return Run(cfg, run_dir).execute()
+
+
+def artifact_of(record: dict, stage: str) -> Path:
+    return Path(record["artifacts"][stage]["path"])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """pair -> reference -> train -> evaluate on the tiny model; the store is shared by this module's tests."""
+    root = tmp_path_factory.mktemp("eval-store")
+    record = run_pipeline(root, root.parent / "run-dpop", "stages=[pair,reference,train,evaluate]", "method=dpop")
+    return root, record
+
+
+def test_trained_evaluation_artifact(trained_run):
+    root, record = trained_run
+    path = artifact_of(record, "evaluate")
+    scores = json.loads((path / "scores.json").read_text())
+    assert scores["model"] == "trained" and scores["preset"] == "local"
+    assert {"acc", "acc_norm"} <= set(scores["tasks"]["local_mc"])
+    assert {"exact_match_strict-match", "exact_match_flexible-extract"} <= set(scores["tasks"]["local_gen"])
+    headline_values = [scores["tasks"][task][metric] for task, metric in scores["headline"].items()]
+    assert scores["headline"] == {"local_mc": "acc_norm", "local_gen": "exact_match_strict-match"}
+    assert scores["average"] == pytest.approx(sum(headline_values) / 2)
+    assert scores["settings"]["limit"] == 3 and scores["settings"]["batch_size"] == 8
+    assert scores["settings"]["apply_chat_template"] is False
+    assert scores["settings"]["num_fewshot"] == {"local_mc": 3, "local_gen": 2}
+
+    raw = json.loads((path / "lm_eval_results.json").read_text())
+    assert raw["n-shot"] == {"local_mc": 3, "local_gen": 2}
+    assert set(raw["versions"]) == {"local_mc", "local_gen"}
+    data_files = raw["configs"]["local_mc"]["dataset_kwargs"]["data_files"]
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in data_files.values())
+    assert raw["config"]["fewshot_seed"] == 1234 and raw["prefopt_settings"]["apply_chat_template"] is False
+    samples = [json.loads(line) for line in (path / "samples" / "local_mc.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 1  # 3 items (a multiple-choice sample holds all its choices)
+    assert samples[0]["arguments"][0][0].count("Question:") == 4  # 3 shots + the item
+
+    # Preference metrics on the held-out test pairs, against the cached reference.
+    pairs = pd.read_parquet(artifact_of(record, "pair") / "pairs.parquet")
+    table = pd.read_parquet(path / "preference_pairs.parquet")
+    assert len(table) == int((pairs["split"] == "test").sum()) > 0
+    preference = json.loads((path / "preference.json").read_text())
+    assert preference["overall"]["pairs"] == len(table) and "by_bucket" in preference
+
+
+def test_baseline_is_recorded_with_zero_shift(trained_run):
+    root, record = trained_run
+    manifest = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())
+    baseline = Path(manifest["baseline"]["path"])
+    assert baseline.parent == root / "evaluate" and baseline.name == manifest["baseline"]["key"]
+    base_manifest = json.loads((baseline / "manifest.json").read_text())
+    assert base_manifest["model"] == "base" and "train" not in base_manifest["upstream"]
+    table = pd.read_parquet(baseline / "preference_pairs.parquet")
+    assert (table["rho_chosen"] == 0).all() and (table["rho_rejected"] == 0).all()
+    assert json.loads((baseline / "scores.json").read_text())["model"] == "base"
+
+
+def test_baseline_is_shared_by_a_second_trained_model(trained_run):
+    root, record = trained_run
+    first = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]
+    baseline_manifest = (Path(first["path"]) / "manifest.json").read_text()
+    second = run_pipeline(root, root.parent / "run-dpo", "stages=[pair,reference,train,evaluate]", "method=dpo")
+    assert second["artifacts"]["train"]["key"] != record["artifacts"]["train"]["key"]
+    assert second["artifacts"]["evaluate"]["key"] != record["artifacts"]["evaluate"]["key"]
+    manifest = json.loads((artifact_of(second, "evaluate") / "manifest.json").read_text())
+    assert manifest["baseline"] == first
+    assert (Path(first["path"]) / "manifest.json").read_text() == baseline_manifest  # not recomputed
+    evaluations = sorted(p.name for p in (root / "evaluate").iterdir() if (p / "manifest.json").is_file())
+    assert len(evaluations) == 3  # one baseline + two trained models
+
+
+def test_chat_template_changes_logged_prompts(trained_run):
+    root, record = trained_run
+    plain = Path(json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]["path"])
+    chat_record = run_pipeline(root, root.parent / "run-chat", "stages=[evaluate]", "eval.apply_chat_template=true")
+    chat = artifact_of(chat_record, "evaluate")
+    assert chat != plain  # the setting is part of the key
+
+    def first_prompt(path: Path, task: str) -> str:
+        sample = json.loads((path / "samples" / f"{task}.jsonl").read_text().splitlines()[0])
+        return sample["arguments"][0][0]  # [context, continuation or generation kwargs]
+
+    for task in ("local_mc", "local_gen"):
+        assert "<|im_start|>" not in first_prompt(plain, task)
+        assert "<|im_start|>user" in first_prompt(chat, task) and "<|im_start|>assistant" in first_prompt(chat, task)
+    scores = json.loads((chat / "scores.json").read_text())
+    assert scores["settings"]["apply_chat_template"] is True and scores["settings"]["fewshot_as_multiturn"] is True
+
+
+def test_eval_none_writes_only_preference_metrics(trained_run):
+    root, _ = trained_run
+    record = run_pipeline(root, root.parent / "run-none", "stages=[evaluate]", "eval=none")
+    path = artifact_of(record, "evaluate")
+    scores = json.loads((path / "scores.json").read_text())
+    assert scores["tasks"] == {} and scores["average"] is None and scores["preference"]["pairs"] > 0
+    assert (path / "preference.json").is_file() and not (path / "lm_eval_results.json").exists()
+
+
+def test_local_suite_without_eval_items_is_a_user_error(tmp_path):
+    pair = Artifact("pair", "nokey", tmp_path / "pair", cached=True)
+    pair.path.mkdir()
+    cfg = compose_config(f"artifacts_dir={tmp_path}")
+    with pytest.raises(UserError, match=r"eval_mc\.jsonl: not found.*eval=none.*eval=open_llm_v1"):
+        eval_suite.build_local_suite(cfg.eval, pair, tmp_path / "store")
+
+
+@pytest.fixture
+def empty_hf_caches(tmp_path, monkeypatch):
+    """Point the hub and datasets caches at empty folders, whatever the machine has cached."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return tmp_path
+
+
+def test_offline_open_llm_v1_names_missing_datasets(empty_hf_caches, tmp_path):
+    store = tmp_path / "store"
+    cfg = compose_config(f"artifacts_dir={store}", "model=tiny", "logger=none", "eval=open_llm_v1", "stages=[evaluate]")
+    with pytest.raises(UserError) as caught:
+        Run(cfg, tmp_path / "run").execute()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("eval=open_llm_v1: offline")
+    for dataset in ("allenai/ai2_arc", "Rowan/hellaswag", "cais/mmlu", "truthfulqa/truthful_qa",
+                    "allenai/winogrande", "openai/gsm8k"):
+        assert dataset in message
+    assert not store.exists()  # stopped by the config checks, before any model or data was built
+
+
+def test_cached_hub_dataset_is_not_reported_missing(empty_hf_caches):
+    from lm_eval.tasks import TaskManager
+    import lm_eval
+    manager = TaskManager(include_path=str(Path(lm_eval.__file__).parent / "tasks" / "arc"), include_defaults=False)
+    with pytest.raises(UserError, match="allenai/ai2_arc"):
+        eval_suite.require_hub_datasets(manager, ["arc_challenge"], "open_llm_v1")
+    (empty_hf_caches / "hub" / "datasets--allenai--ai2_arc" / "snapshots").mkdir(parents=True)
+    eval_suite.require_hub_datasets(manager, ["arc_challenge"], "open_llm_v1")  # now cached: no error
+
+
+def test_flat_scores_and_headlines():
+    results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A",
+                                 "exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.75}}}
+    scores = evaluate.flat_scores(results)
+    assert scores == {"t": {"acc": 0.5, "exact_match_strict-match": 0.25, "exact_match_flexible-extract": 0.75}}
+    settings = {"suite": "hub", "name": "x", "batch_size": 1, "limit": None, "apply_chat_template": False,
+                "fewshot_as_multiturn": True, "fewshot_seed": 1, "tasks": {"t": {"headline": "acc", "num_fewshot": 0}}}
+    assert evaluate.scores_document(scores, settings, "base")["average"] == 0.5
+    settings["tasks"]["t"]["headline"] = "acc_norm"
+    with pytest.raises(UserError, match="acc_norm"):
+        evaluate.scores_document(scores, settings, "base")
+
+
+@pytest.mark.slow
+def test_smollm2_scores_above_chance_on_local_multiple_choice(tmp_path):
+    """SmolLM2-135M-Instruct (the default model) on 60 held-out 4-way items: chance is 0.25."""
+    from pipeline import models, pair as pair_stage
+    store = tmp_path / "store"
+    cfg = compose_config(f"artifacts_dir={store}", "logger=none", "data.num_problems=20", "data.num_eval_items=68",
+                         "eval.limit=60")
+    model_artifact = models.run(cfg, {}, store)
+    pair = pair_stage.run(cfg, {"model": model_artifact}, store)
+    settings = evaluate.eval_settings(cfg.eval)
+    settings["tasks"] = {"local_mc": settings["tasks"]["local_mc"]}
+    manager, tasks, _ = evaluate.load_tasks(settings, pair, store)
+    model = models.load_causal_lm(model_artifact, cfg.model)
+    results = evaluate.run_lm_eval(model, models.load_tokenizer(model_artifact), manager, tasks, settings)
+    scores = evaluate.flat_scores(results)["local_mc"]
+    print("SmolLM2 local_mc:", scores)
+    assert scores["acc"] > 0.4 and scores["acc_norm"] > 0.4
