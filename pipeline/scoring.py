@@ -149,11 +149,18 @@ def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, batch
         for begin in range(0, len(order), batch_size):
             rows = order[begin: begin + batch_size]
             batch = {k: v.to(device) for k, v in collate([encodings[i] for i in rows], pad_id).items()}
+            # Only positions from the earliest response start on predict response tokens: skip the
+            # vocabulary projection (and log-softmax) of the prompt positions before it.
+            width = batch["input_ids"].shape[1]
+            first = min(min(encodings[i].chosen_start, encodings[i].rejected_start) for i in rows)
+            keep_from = max(first - 1, 0)
             with autocast_context(device, precision):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            scores = score_tokens(logits, batch["input_ids"], batch["response_mask"])
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=width - keep_from).logits
+            input_ids, response_mask = batch["input_ids"][:, keep_from:], batch["response_mask"][:, keep_from:]
+            scores = score_tokens(logits, input_ids, response_mask)
             keep = scores.mask.bool().cpu()
-            token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), batch["input_ids"][:, 1:].cpu()
+            token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), input_ids[:, 1:].cpu()
             for j, row in enumerate(rows):
                 results[row] = {}
                 for s, side in enumerate(SIDES):

@@ -149,3 +149,18 @@ def test_pair_table_hand_built_case():
     assert summary["by_bucket"]["low"]["reward_accuracy"] == 1.0
     with pytest.raises(ValueError, match="tokens differ"):
         pair_table(policy, hand_scores(["a", "b"], chosen=[([-1.0], [1], [0.0])] * 2, rejected=[([-1.0], [1], [0.0])] * 2), frame)
+
+
+def test_pair_then_reference_through_the_orchestrator(make_config, tmp_path):
+    """`python -m pipeline stages=[pair,reference] model=tiny` in-process, on a few synthetic problems."""
+    from pipeline.orchestrate import Run
+    cfg = make_config("stages=[pair,reference]", "model=tiny", "logger=none", "data.num_problems=12",
+                      "data.num_eval_items=4", "train.max_length=128", "train.max_prompt_length=64")
+    record = Run(cfg, tmp_path / "run").execute()
+    assert record["status"] == "ok" and set(record["artifacts"]) == {"model", "pair", "reference"}
+    ref_path = Path(record["artifacts"]["reference"]["path"])
+    pairs = pd.read_parquet(Path(record["artifacts"]["pair"]["path"]) / "pairs.parquet")
+    scored = ScoredPairs.load(ref_path / "reference.safetensors")
+    assert scored.pair_ids == list(pairs["pair_id"]) and set(pairs["split"]) == {"train", "test"}
+    again = Run(cfg, tmp_path / "run2").execute()
+    assert all(entry["cached"] for entry in again["artifacts"].values())
