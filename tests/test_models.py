@@ -141,5 +141,15 @@ def test_validate_checks_model_keys_before_loading(make_config, monkeypatch):
         validate(make_config("model=tiny", "model.dtype=fp64"))
     with pytest.raises(UserError, match="model.lora.r"):
         validate(make_config("model=tiny", "model.lora.enabled=true", "model.lora.r=0"))
-    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
-        validate(make_config("model=qwen2_5_7b"))
+    with pytest.raises(UserError, match="model.source"):
+        validate(make_config("model=tiny", "model.source=ftp"))
+    for preset in ("mistral_7b", "llama3_8b", "qwen2_5_7b"):  # valid configs; only the model stage needs the hub
+        validate(make_config(f"model={preset}"))
+
+
+def test_gpu_preset_stops_at_the_model_stage_offline(make_config, tmp_path, monkeypatch):
+    from pipeline.orchestrate import Run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="mistralai/Mistral-7B-Instruct-v0.2.*HF_HUB_OFFLINE"):
+        Run(make_config("model=mistral_7b", "stages=[pair]", "logger=none"), tmp_path / "run").execute()
+    assert not (tmp_path / "artifacts" / "pair").exists()  # nothing computed before the model stage failed
