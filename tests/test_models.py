@@ -123,7 +123,7 @@ def test_smollm2_gguf_conversion(tmp_path, monkeypatch):
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     started = time.time()
     model = models.load_causal_lm(artifact, cfg)
-    assert time.time() - started < 10  # safetensors reload, not a GGUF dequantisation
+    assert time.time() - started < 15  # safetensors reload (~0.2 s idle), not a ~20 s GGUF dequantisation
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
                                            tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(prompt, return_tensors="pt")
