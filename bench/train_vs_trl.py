@@ -144,7 +144,7 @@ def throughput(args, tmp: Path) -> None:
 def peak_rss(tmp: Path) -> None:
     """Peak RSS of one SmolLM2 training step (8 pairs x 128 tokens, bf16 autocast) in its own process."""
     root = REPO / ".cache" / "bench-artifacts"
-    overrides = ["model=smollm2_135m", "data.num_problems=40", "train.precision=bf16", "train.max_length=128",
+    overrides = ["model=smollm2_135m", "data.num_problems=10", "train.precision=bf16", "train.max_length=128",
                  "train.max_prompt_length=64", "train.batch_size=8", "train.max_steps=1", "train.probe_pairs=0",
                  "train.checkpoint_every=0", "train.progress=false", "logger=none", f"artifacts_dir={root}",
                  f"hydra.run.dir={tmp / 'rss-run'}", "train.lr=1e-6"]
