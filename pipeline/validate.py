@@ -184,11 +184,15 @@ CHECKS += [check_model]
 def check_data_and_pairing(cfg: DictConfig) -> None:
     from pipeline.adapters import SCHEMAS, STRATEGIES  # lazy: keeps `validate` import light
     from pipeline.distance import UNITS
+    import os
     source = select(cfg, "data.source")
     if source is not None and source not in ("synthetic", "local", "hub"):
         raise UserError(f"data.source={source!r}: expected synthetic, local or hub")
     if source == "hub" and not select(cfg, "data.hub_id"):
         raise UserError("data.hub_id: required for data.source=hub (e.g. data.hub_id=Anthropic/hh-rlhf)")
+    path = select(cfg, "data.path")
+    if source == "local" and path not in (None, "???") and not os.path.isfile(os.path.expanduser(str(path))):
+        raise UserError(f"data.path={path}: file not found (expected a JSONL, JSON, Parquet or CSV file)")
     schema = select(cfg, "data.schema")
     if schema is not None and schema not in ("auto", *SCHEMAS):
         raise UserError(f"data.schema={schema!r}: expected auto or one of {list(SCHEMAS)}")
