@@ -167,4 +167,6 @@ def test_local_and_hub_configs_are_checked(make_config):
     with pytest.raises(UserError, match="data.path"):
         validate(make_config("data=local"))
     with pytest.raises(UserError, match="data.schema='rows'"):
-        validate(make_config("data=local", "data.path=x.jsonl", "data.schema=rows"))
+        validate(make_config("data=local", f"data.path={FIXTURES / 'hh_rlhf.jsonl'}", "data.schema=rows"))
+    with pytest.raises(UserError, match="data.path=x.jsonl: file not found"):
+        validate(make_config("data=local", "data.path=x.jsonl"))
