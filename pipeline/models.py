@@ -209,6 +209,26 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def keep_output_head_fp32(model) -> None:
+    """Run the vocabulary projection in fp32 even under bf16 autocast.
+
+    bf16 logits are rounded to ~0.1 nats at typical magnitudes, so the same sequence scored in two
+    batch layouts (reference stage vs training forward) differed by up to 0.27 nats per sequence at
+    step 0, which DPOP's beta * lambda (15) turns into a large spurious gradient. Patching the
+    instance's forward keeps state-dict names (and save_pretrained) unchanged.
+    """
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear):
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            bias = head.bias.float() if head.bias is not None else None
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+
+
 def load_causal_lm(target: Artifact | str | Path, model_cfg: DictConfig, dtype: str | torch.dtype | None = None,
                    trainable: bool = False):
     """Load the causal LM from safetensors.
@@ -223,6 +243,7 @@ def load_causal_lm(target: Artifact | str | Path, model_cfg: DictConfig, dtype: 
         model = AutoModelForCausalLM.from_pretrained(
             location, revision=revision, dtype=torch_dtype(dtype if dtype is not None else model_cfg.dtype),
             trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True)
+    keep_output_head_fp32(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

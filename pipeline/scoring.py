@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -134,6 +135,22 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
+def response_logits(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits of the positions that predict response tokens, with input_ids and response_mask cut to match.
+
+    Only positions from the batch's earliest response start on predict response tokens: the
+    vocabulary projection (and later the log-softmax) of the prompt positions before it is skipped.
+    Shared by reference scoring and the training forward so both see the same computation.
+    """
+    width = batch["input_ids"].shape[1]
+    has_response = batch["response_mask"].bool().any(dim=1)
+    starts = batch["response_mask"].float().argmax(dim=1)[has_response]
+    keep_from = max(int(starts.min()) - 1, 0) if len(starts) else 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=width - keep_from).logits
+    return logits, batch["input_ids"][:, keep_from:], batch["response_mask"][:, keep_from:]
+
+
 @torch.no_grad()
 def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, batch_size: int, pair_ids: Sequence[Any],
                     with_logits: bool = True, precision: str = "fp32", progress: bool = True,
@@ -149,15 +166,8 @@ def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, batch
         for begin in range(0, len(order), batch_size):
             rows = order[begin: begin + batch_size]
             batch = {k: v.to(device) for k, v in collate([encodings[i] for i in rows], pad_id).items()}
-            # Only positions from the earliest response start on predict response tokens: skip the
-            # vocabulary projection (and log-softmax) of the prompt positions before it.
-            width = batch["input_ids"].shape[1]
-            first = min(min(encodings[i].chosen_start, encodings[i].rejected_start) for i in rows)
-            keep_from = max(first - 1, 0)
             with autocast_context(device, precision):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=width - keep_from).logits
-            input_ids, response_mask = batch["input_ids"][:, keep_from:], batch["response_mask"][:, keep_from:]
+                logits, input_ids, response_mask = response_logits(model, batch)
             scores = score_tokens(logits, input_ids, response_mask)
             keep = scores.mask.bool().cpu()
             token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), input_ids[:, 1:].cpu()

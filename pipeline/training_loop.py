@@ -18,6 +18,7 @@ from torch import Tensor
 
 from pipeline.batching import collate, encode_pair
 from pipeline.logprobs import score_tokens
+from pipeline.scoring import response_logits
 from pipeline.losses import LossInput, LossOutput
 
 SIDES = ("chosen", "rejected")
@@ -145,8 +146,8 @@ class MicroBatchResult:
 def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], reference, loss_fn, method_cfg: dict,
                         needs_vocab_term: bool) -> MicroBatchResult:
     """One concatenated forward of chosen and rejected rows, then the loss."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    scores = score_tokens(logits, batch["input_ids"], batch["response_mask"], with_others=needs_vocab_term)
+    logits, input_ids, response_mask = response_logits(model, batch)
+    scores = score_tokens(logits, input_ids, response_mask, with_others=needs_vocab_term)
     del logits
     n = len(rows)
     split = lambda x: (x[:n], x[n:]) if x is not None else (None, None)  # noqa: E731
