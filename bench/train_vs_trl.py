@@ -44,6 +44,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from pipeline.orchestrate import Run  # noqa: E402
 
+from _trl_common import dpo_config, quiet, run_trl  # noqa: E402  (bench/ is the script's directory)
+
 
 def compose_cfg(root: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -78,36 +80,11 @@ def time_ours(cfg, stages: list[str]) -> float:
 
 
 def time_trl(model_dir: Path, pairs, args, precompute: bool, out: Path) -> float:
-    import warnings
-
-    import datasets
-    import torch
-    import transformers
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    datasets.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-    config = DPOConfig(
-        output_dir=str(out), per_device_train_batch_size=args.batch, num_train_epochs=1, learning_rate=5e-6,
-        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0,
-        beta=0.1, loss_type=["sigmoid"], max_length=args.max_length, precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=args.batch, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
-        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
-    dataset = Dataset.from_pandas(pairs[["prompt", "chosen", "rejected"]].reset_index(drop=True))
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    if precompute:
-        started = time.perf_counter()  # (b): tokenising and precomputing are not timed
-    trainer.train()
-    trainer.save_model(str(out / "final"))
-    return time.perf_counter() - started
+    quiet()
+    config = dpo_config(out, batch=args.batch, max_length=args.max_length, beta=0.1, loss_type="sigmoid",
+                        precompute=precompute)
+    # (b): tokenising and precomputing are not timed
+    return run_trl(model_dir, pairs, config, out, time_construction=not precompute).seconds
 
 
 def throughput(args, tmp: Path) -> None:

@@ -1,0 +1,77 @@
+"""TRL DPOTrainer setup shared by the benchmarks (train_vs_trl.py, sweep_cost.py).
+
+One place for the settings that make a TRL run comparable to ours: AdamW, linear decay, no warm-up,
+clipping 1.0, fp32 on CPU, no logging or checkpoints, one process. Needs the bench extra (trl).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TrlResult:
+    seconds: float          # wall time of the timed part (see run_trl)
+    reference_rows: int     # sequences that went through the separate reference model's forward
+
+
+def quiet() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def dpo_config(out: Path, *, batch: int, max_length: int, beta: float, loss_type: str, lr: float = 5e-6,
+               precompute: bool = False, max_steps: int | None = None):
+    """DPOConfig matching our trainer's defaults in the benchmarks; ``max_steps=None`` means one epoch."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=1,
+        max_steps=-1 if max_steps is None else max_steps, learning_rate=lr,
+        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0,
+        beta=beta, loss_type=[loss_type], max_length=max_length, precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=batch, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+
+
+def run_trl(model_dir: Path, pairs, config, out: Path, time_construction: bool = True) -> TrlResult:
+    """Load the model, build the DPOTrainer, ``train()`` and ``save_model``; time it all.
+
+    ``time_construction=False`` restarts the clock after construction (tokenising and any
+    reference precomputation are then not timed). The reference rows are counted by a forward
+    hook on TRL's own reference model, so the number is what TRL did, not what we expect it to do.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import DPOTrainer
+
+    dataset = Dataset.from_pandas(pairs[["prompt", "chosen", "rejected"]].reset_index(drop=True))
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # its end-of-training metrics dict would flood the benchmark output
+    rows = [0]
+    handle = None
+    if trainer.ref_model is not None:
+        def count(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            rows[0] += int(ids.shape[0])
+        handle = trainer.ref_model.register_forward_pre_hook(count, with_kwargs=True)
+    if not time_construction:
+        started = time.perf_counter()
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    seconds = time.perf_counter() - started
+    if handle is not None:
+        handle.remove()
+    return TrlResult(seconds, rows[0])
