@@ -9,6 +9,10 @@ A stage computes into ``<root>/<stage>/<key>.partial/`` under a file lock and th
 directory is renamed into place only after ``manifest.json`` is written: a
 directory without a manifest does not exist. The partial directory survives a
 crash so that resumable stages (training) can pick up their checkpoints.
+
+A stage that all processes of a distributed launch compute together (DDP training)
+uses ``build_collective``: only the main process takes the lock and writes the
+manifest; the others compute in the same partial directory and write nothing.
 """
 
 from __future__ import annotations
@@ -152,3 +156,47 @@ def build(
             shutil.rmtree(final)
         os.replace(workdir, final)
     return Artifact(stage, key, final, cached=False)
+
+
+def build_collective(
+    root: Path | str,
+    stage: str,
+    version: int,
+    config: dict[str, Any],
+    upstream: dict[str, Artifact],
+    compute: Callable[[Path], dict[str, Any] | None],
+    *,
+    is_main: bool,
+    share: Callable[[Any], Any],
+    resumable: bool = False,
+) -> Artifact:
+    """``build`` for a stage whose ``compute`` every process must run at once (its collectives need all ranks).
+
+    ``share(value)`` is a broadcast from the main process: every process gets the main's ``value``.
+    The main process runs ``build`` and, once it holds the lock and is about to compute, shares the
+    work directory; the others run ``compute`` on that directory (it must write nothing there on
+    them) or learn that the artifact was already there. A final share of the key is the barrier
+    after which every process sees the finished artifact. Taking the lock on every rank instead
+    would leave the lock holder alone in its collectives: a deadlock.
+    """
+    if is_main:
+        announced: list[str] = []
+
+        def compute_with_others(workdir: Path) -> dict[str, Any] | None:
+            announced.append(share(str(workdir)))
+            return compute(workdir)
+
+        artifact = build(root, stage, version, config, upstream, compute_with_others, resumable)
+        if not announced:
+            share(None)  # found cached: the others have nothing to compute
+        share(artifact.key)
+        return artifact
+    workdir = share(None)
+    if workdir is not None:
+        compute(Path(workdir))
+    key = share(None)
+    artifact = find(root, stage, key)
+    if artifact is None:
+        raise RuntimeError(f"{Path(root) / stage / key}: the main process finished it but this process does not see it; "
+                           "the artifact store must be on a filesystem every process shares")
+    return Artifact(stage, key, artifact.path, cached=workdir is None)

@@ -6,12 +6,17 @@ are used only when the user asked for that stage too (``evaluate`` scores the
 trained model when ``train`` is among the stages, else the base model).
 The run record ``run.json`` in the Hydra output directory lists every artifact
 key the run used, so analysis can find them without W&B.
+
+Under a distributed launch (``accelerate launch --multi_gpu``, torchrun) every process runs this;
+only the main one prints, writes ``run.json`` and runs the non-collective stages. The others run
+just the collective stages (training, with its upstream: cache hits or computed under the lock).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -45,6 +50,15 @@ OPTIONAL_UPSTREAM = {
     "analyse": ("model", "pair", "reference", "train", "evaluate"),
 }
 RUN_RECORD = "run.json"
+# Stages that every process of a distributed launch computes together (DDP); the rest run on the main one.
+COLLECTIVE_STAGES = ("train",)
+# Where launchers put the global rank: torchrun / accelerate, then MPI flavours (as accelerate reads them).
+RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def is_main_process() -> bool:
+    """False on every process but rank 0 of a distributed launch (read from the launcher's env: no process group yet)."""
+    return next((int(os.environ[name]) for name in RANK_ENV if os.environ.get(name)), 0) == 0
 
 
 def artifacts_root(cfg: DictConfig) -> Path:
@@ -58,6 +72,7 @@ class Run:
         self.cfg = cfg
         self.root = artifacts_root(cfg)
         self.run_dir = Path(run_dir)
+        self.main = is_main_process()
         self.artifacts: dict[str, Artifact] = {}
         self.record: dict[str, Any] = {
             "sweep_name": cfg.sweep_name,
@@ -80,12 +95,15 @@ class Run:
             artifact = module.run(self.cfg, upstream, self.root)
             self.artifacts[stage] = artifact
             status = "cached" if artifact.cached else "computed"
-            print(f"[{stage}] artifact {artifact.path} ({status})", flush=True)
+            if self.main:
+                print(f"[{stage}] artifact {artifact.path} ({status})", flush=True)
             self.record["artifacts"][stage] = {"key": artifact.key, "path": str(artifact.path), "cached": artifact.cached}
             self.save()
         return self.artifacts[stage]
 
     def save(self) -> None:
+        if not self.main:  # one writer of run.json per run
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / RUN_RECORD).write_text(json.dumps(self.record, indent=2, default=str))
 
@@ -93,7 +111,8 @@ class Run:
         try:
             validate(self.cfg)  # before any data or model is loaded
             for stage in self.cfg.stages:
-                self.get(stage)
+                if self.main or stage in COLLECTIVE_STAGES:
+                    self.get(stage)
             self.record["status"] = "ok"
         except UserError as error:
             self.record.update(status="failed", error=str(error))

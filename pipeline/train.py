@@ -5,8 +5,10 @@ reference log-probs of every pair, never recomputed here). The loss is ``get_los
 the method file's flags (``needs_vocab_term``) decide what the loss input carries. The trainer never
 tests a method's name.
 
-Runs on accelerate (CPU, one GPU or DDP via ``accelerate launch``): chosen and rejected rows go
-through ONE concatenated forward; log-probs are fp32 even under bf16 autocast; AdamW with warm-up and
+Runs on accelerate (CPU, one GPU or DDP via ``accelerate launch --multi_gpu --num_processes N -m pipeline``,
+which on a CPU-only machine runs gloo DDP; ``--cpu`` alone starts ONE process). Under DDP every rank
+trains, only the main one writes the artifact (``artifacts.build_collective``). Chosen and rejected rows
+go through ONE concatenated forward; log-probs are fp32 even under bf16 autocast; AdamW with warm-up and
 linear/cosine decay, gradient accumulation and clipping. Truncation is the reference stage's
 (``pipeline.batching.encode_response`` with ``train.max_length`` and ``train.max_prompt_length``), so
 policy and reference score exactly the same tokens.
@@ -35,7 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import Artifact, build
+from pipeline.artifacts import Artifact, build, build_collective
 from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
                                     truncate_jsonl)
 from pipeline.errors import UserError
@@ -90,8 +92,25 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     missing = [name for name in UPSTREAM if name not in upstream]
     if missing:
         raise ValueError(f"train needs upstream artifacts {missing}")
-    return build(root, STAGE, VERSION, config_subset(cfg), {name: upstream[name] for name in UPSTREAM},
-                 lambda workdir: train(cfg, upstream, Path(workdir)), resumable=True)
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=use_cpu())  # joins the process group under `accelerate launch` / torchrun
+    subset = config_subset(cfg)
+    inputs = {name: upstream[name] for name in UPSTREAM}
+    compute = lambda workdir: train(cfg, upstream, Path(workdir))  # noqa: E731
+    if state.num_processes == 1:
+        return build(root, STAGE, VERSION, subset, inputs, compute, resumable=True)
+    # DDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
+    subset["processes"] = state.num_processes
+    # Every rank trains; only the main one holds the lock and writes the artifact.
+    return build_collective(root, STAGE, VERSION, subset, inputs, compute, resumable=True,
+                            is_main=state.is_main_process,
+                            share=lambda value: broadcast_object_list([value], from_process=0)[0])
+
+
+def use_cpu() -> bool:
+    return not torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- data
@@ -149,7 +168,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
     encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(cpu=use_cpu(),
                               mixed_precision="bf16" if str(train_cfg.precision) == "bf16" else "no")
     model = load_causal_lm(upstream["model"], cfg.model, trainable=True)
     stream = MicroBatchStream(train_rows, int(train_cfg.batch_size), seed,
@@ -161,29 +180,36 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     params = [p for p in model.parameters() if p.requires_grad]
 
     metrics_path, trajectories_path = workdir / METRICS_FILE, workdir / TRAJECTORIES_FILE
-    state = load_checkpoint(workdir)
+    main = accelerator.is_main_process  # under DDP only the main process writes into workdir
+    state = load_checkpoint(workdir)  # every process restores the same state
     if state is not None:  # resume: everything after the checkpoint is recomputed
         restore_checkpoint(state, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
         start, stream.position = int(state["step"]), int(state["position"])
-        truncate_jsonl(metrics_path, start)
-        truncate_jsonl(trajectories_path, start)
+        if main:
+            truncate_jsonl(metrics_path, start)
+            truncate_jsonl(trajectories_path, start)
     else:
         start = 0
-        metrics_path.write_text("")
-        trajectories_path.write_text("")
+        if main:
+            metrics_path.write_text("")
+            trajectories_path.write_text("")
 
-    main = accelerator.is_main_process
     tracker = start_run(cfg, job_type=STAGE, name=f"train-{cfg.method.name}-seed{seed}") if main else None
     probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main else None
     checkpoint_every = int(train_cfg.checkpoint_every or 0)
     crash_after = int(os.environ[CRASH_HOOK_ENV]) if os.environ.get(CRASH_HOOK_ENV) else None
     max_grad_norm = float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm is not None else math.inf
     buckets = pairs["bucket"].astype(str).to_numpy()
-    reduce = None
+    reduce = gather = None
     if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
         def reduce(values: dict[str, float]) -> dict[str, float]:
             averaged = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
             return dict(zip(values, averaged.tolist()))
+
+        def gather(shifts: dict[str, list[float]]) -> list[dict[str, list[float]]]:
+            return gather_object([shifts])
 
     started, tokens_seen, last = time.time(), 0, {}
     try:
@@ -210,7 +236,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             optimizer.zero_grad(set_to_none=True)
             done, elapsed = step + 1, time.time() - step_started
             tokens_seen += collected.tokens
-            last = {"step": done, **collected.finish(reduce), "train/lr": lr, "train/grad_norm": float(grad_norm),
+            last = {"step": done, **collected.finish(reduce, gather), "train/lr": lr, "train/grad_norm": float(grad_norm),
                     "train/tokens_per_second": collected.tokens * accelerator.num_processes / max(elapsed, 1e-9)}
             if main:
                 append_jsonl(metrics_path, [last])
@@ -230,6 +256,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         wall = time.time() - started
         accelerator.wait_for_everyone()
         summary = {"steps": steps, "resumed_from_step": start or None, "train_pairs": len(train_rows),
+                   "processes": accelerator.num_processes, "global_batch": stream.global_batch * accumulation,
                    "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
                    "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
                    "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
@@ -239,7 +266,8 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
             remove_checkpoints(workdir)
-        return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None}
+        return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None,
+                "processes": accelerator.num_processes}
     finally:
         if tracker is not None:
             tracker.finish()

@@ -191,10 +191,18 @@ class StepMetrics:
             self.shift[f"logps_shift/chosen/{self.buckets[row]}"].append(rho_w)
             self.shift[f"logps_shift/rejected/{self.buckets[row]}"].append(rho_l)
 
-    def finish(self, reduce=None) -> dict[str, float]:
-        """The step's metrics; ``reduce`` averages the pair-level means over processes (DDP)."""
+    def finish(self, reduce=None, gather=None) -> dict[str, float]:
+        """The step's metrics. Under DDP ``reduce`` averages the micro-batch means over processes and
+        ``gather`` (one object per process -> list of all) pools the per-bucket shifts of every process's
+        pairs (each process may see other buckets, so they cannot be reduced as one tensor)."""
         values = {f"train/{name}": total / self.count for name, total in self.sums.items()}
         if reduce is not None:
             values = reduce(values)
-        values.update({f"train/{name}": float(np.mean(v)) for name, v in sorted(self.shift.items())})
+        shift = self.shift
+        if gather is not None:
+            shift = defaultdict(list)
+            for part in gather(dict(self.shift)):
+                for name, pairs in part.items():
+                    shift[name].extend(pairs)
+        values.update({f"train/{name}": float(np.mean(v)) for name, v in sorted(shift.items())})
         return values
