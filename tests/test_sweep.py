@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 TINY = ["model=tiny", "train.max_steps=3", "train.probe_every=3", "eval.limit=4", "data.num_problems=60",
-        "data.num_eval_items=8", "logger=none"]
+        "data.num_eval_items=16", "logger=none"]
 
 
 def run_pipeline(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
