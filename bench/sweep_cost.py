@@ -21,6 +21,9 @@ the model directory to ``save_model`` (imports and interpreter start excluded: a
 Reference sequences are counted by a forward hook on TRL's reference model (on the fly: 2 x batch x steps
 per run). The model and pairs TRL gets are prepared untimed; ours builds both inside its timed command
 (the tiny model's build time is printed from its manifest).
+
+Both sides also report CPU seconds (user + sys of the processes): on a shared machine other users' load
+stretches wall time far more than CPU time, so that ratio is the steadier one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -48,6 +52,21 @@ TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge"}  # our method -> T
 BETAS = (0.1, 0.3, 1.0)
 TEST_FRACTION = 0.05
 PAIRS_PER_PROBLEM = 1.45  # synthetic_math's default kind mix (conf/data/synthetic_math.yaml)
+
+
+def run_measured(command: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds and CPU seconds (user + sys of the child and its descendants) of one command.
+
+    CPU time is the number to trust on a shared machine: other users' load stretches wall time far
+    more than it changes the work a process does.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done
 
 
 def shared_overrides(args) -> list[str]:
@@ -76,21 +95,19 @@ def prepare_inputs(args, tmp: Path):
     return run.artifacts["model"].path / "model", pair.path / "pairs.parquet", pairs, pair.key
 
 
-def time_ours(args, tmp: Path) -> tuple[list[str], float, Path]:
+def time_ours(args, tmp: Path) -> tuple[list[str], float, float, Path]:
     root, sweep_dir = tmp / "ours-artifacts", tmp / "ours-sweep"
     command = [sys.executable, "-m", "pipeline", "--multirun", f"method={','.join(TRL_LOSS)}",
                f"method.beta={','.join(map(str, BETAS))}", "stages=[pair,reference,train]", *shared_overrides(args),
                f"artifacts_dir={root}", f"hydra.sweep.dir={sweep_dir}", "sweep_name=bench_sweep_cost"]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    seconds, cpu, done = run_measured(command)
     if done.returncode != 0:
         raise SystemExit(f"our sweep failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     records = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/run.json"))]
     failed = [r for r in records if r["status"] != "ok"]
     if len(records) != len(TRL_LOSS) * len(BETAS) or failed:
         raise SystemExit(f"our sweep: {len(records)} job records, {len(failed)} failed")
-    return command, seconds, root
+    return command, seconds, cpu, root
 
 
 def reference_sequences(root: Path) -> tuple[int, int]:
@@ -112,9 +129,9 @@ def trl_job(args) -> None:
     (out / "result.json").write_text(json.dumps({"seconds": result.seconds, "reference_rows": result.reference_rows}))
 
 
-def time_trl(args, model_dir: Path, pairs_file: Path, tmp: Path) -> tuple[float, float, int]:
-    """(launch-to-exit seconds of the nine processes, their in-process load-to-save seconds, reference rows)."""
-    process_s, inner_s, rows = 0.0, 0.0, 0
+def time_trl(args, model_dir: Path, pairs_file: Path, tmp: Path) -> tuple[float, float, float, int]:
+    """Nine TRL processes: (launch-to-exit seconds, CPU seconds, in-process load-to-save seconds, reference rows)."""
+    process_s, cpu_s, inner_s, rows = 0.0, 0.0, 0.0, 0
     for method in TRL_LOSS:
         for beta in BETAS:
             out = Path(tempfile.mkdtemp(dir=tmp, prefix=f"trl-{method}-{beta}-"))
@@ -122,18 +139,17 @@ def time_trl(args, model_dir: Path, pairs_file: Path, tmp: Path) -> tuple[float,
                        str(beta), "--steps", str(args.steps), "--batch", str(args.batch), "--max-length",
                        str(args.max_length), "--lr", str(args.lr), "--model-dir", str(model_dir), "--pairs",
                        str(pairs_file), "--out", str(out)]
-            started = time.perf_counter()
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-            seconds = time.perf_counter() - started
+            seconds, cpu, done = run_measured(command)
             if done.returncode != 0:
                 raise SystemExit(f"TRL job {method} beta {beta} failed:\n{done.stderr[-3000:]}")
             result = json.loads((out / "result.json").read_text())
             process_s += seconds
+            cpu_s += cpu
             inner_s += result["seconds"]
             rows += result["reference_rows"]
-            print(f"  TRL {method:5s} beta {beta}: {seconds:6.2f} s process ({result['seconds']:6.2f} s load to save), "
+            print(f"  TRL {method:5s} beta {beta}: {seconds:6.2f} s process, {cpu:6.2f} s CPU ({result['seconds']:6.2f} s load to save), "
                   f"{result['reference_rows']} reference sequences", flush=True)
-    return process_s, inner_s, rows
+    return process_s, cpu_s, inner_s, rows
 
 
 def main() -> None:
@@ -167,18 +183,18 @@ def main() -> None:
         if n_train < args.steps * args.batch:
             print(f"  note: {args.steps * args.batch} pairs per job > {n_train} train pairs: both sides loop")
 
-        command, ours_s, root = time_ours(args, tmp)
+        command, ours_s, ours_cpu, root = time_ours(args, tmp)
         print("ours: " + shlex.join(["python", *command[1:]]).replace(str(tmp), "$TMP"))
         ours_rows, reference_artifacts = reference_sequences(root)
         same_pairs = (root / "pair" / pair_key / "manifest.json").is_file()
         stage_s = {stage: sum(json.loads(m.read_text())["wall_time_s"] for m in (root / stage).glob("*/manifest.json"))
                    for stage in ("model", "pair", "reference", "train")}
-        print(f"  ours {ours_s:.2f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in stage_s.items())
+        print(f"  ours {ours_s:.2f} s, {ours_cpu:.2f} s CPU: " + ", ".join(f"{k} {v:.2f} s" for k, v in stage_s.items())
               + f" (stage times from the manifests, train summed over 9 jobs; the rest is start-up and Hydra)")
         print(f"  {reference_artifacts} reference artifact(s), {ours_rows} reference sequences "
               f"(pairs identical to TRL's input: {same_pairs})", flush=True)
 
-        trl_s, trl_inner_s, trl_rows = time_trl(args, model_dir, pairs_file, tmp)
+        trl_s, trl_cpu, trl_inner_s, trl_rows = time_trl(args, model_dir, pairs_file, tmp)
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     one_pass = 2 * len(pairs)
@@ -187,6 +203,8 @@ def main() -> None:
     print("| 9-job sweep (tiny model, CPU)                 | ours     | TRL x 9  | TRL / ours |")
     print("|-----------------------------------------------|----------|----------|------------|")
     print(f"| wall time, launch to exit                     | {ours_s:6.1f} s | {trl_s:6.1f} s | {trl_s / ours_s:9.2f}x |")
+    print(f"| CPU time (user + sys), launch to exit         | {ours_cpu:6.1f} s | {trl_cpu:6.1f} s "
+          f"| {trl_cpu / ours_cpu:9.2f}x |")
     print(f"| wall time, TRL load-to-save only (TRL floor)  | {ours_s:6.1f} s | {trl_inner_s:6.1f} s "
           f"| {trl_inner_s / ours_s:9.2f}x |")
     print(f"| sequences through the reference model         | {ours_rows:8d} | {trl_rows:8d} "
@@ -194,7 +212,7 @@ def main() -> None:
     print()
     ratio = trl_s / ours_s
     print(f"wall time: ours {ratio:.2f}x faster than nine TRL jobs (goal >= 2x) {'OK' if ratio >= 2 else 'MISSED'}; "
-          f"{trl_inner_s / ours_s:.2f}x against TRL's load-to-save floor")
+          f"{trl_inner_s / ours_s:.2f}x against TRL's load-to-save floor; CPU time {trl_cpu / ours_cpu:.2f}x")
     print(f"reference: ours {ours_rows} = one pass over all {len(pairs)} pairs, train and test (2 x pairs = {one_pass}) "
           f"{'OK' if ours_rows == one_pass else 'MISSED'}; TRL {trl_rows} "
           f"(on the fly, 2 x batch x steps x 9 = {expected_trl})")
