@@ -146,6 +146,7 @@ def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict[str, Any]:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
     from pipeline.losses import get_loss
@@ -168,6 +169,11 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
     encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length)
 
+    # Each train stage is its own accelerate run: several can follow in one process (Hydra's basic
+    # launcher runs a whole multirun in-process, e.g. a sweep over train.precision), and accelerate
+    # refuses a second Accelerator with other settings. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(cpu=use_cpu(),
                               mixed_precision="bf16" if str(train_cfg.precision) == "bf16" else "no")
     model = load_causal_lm(upstream["model"], cfg.model, trainable=True)
