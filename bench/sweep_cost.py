@@ -22,8 +22,9 @@ Reference sequences are counted by a forward hook on TRL's reference model (on t
 per run). The model and pairs TRL gets are prepared untimed; ours builds both inside its timed command
 (the tiny model's build time is printed from its manifest).
 
-Both sides also report CPU seconds (user + sys of the processes): on a shared machine other users' load
-stretches wall time far more than CPU time, so that ratio is the steadier one.
+Both sides also report CPU seconds (user + sys of the processes). On a busy machine they rise with the
+wall time (torch's threads spin while waiting for a core), so neither number is free of other users' load:
+note the load average the script prints, and compare runs taken under similar load.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ PAIRS_PER_PROBLEM = 1.45  # synthetic_math's default kind mix (conf/data/synthet
 def run_measured(command: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
     """Wall seconds and CPU seconds (user + sys of the child and its descendants) of one command.
 
-    CPU time is the number to trust on a shared machine: other users' load stretches wall time far
-    more than it changes the work a process does.
+    RUSAGE_CHILDREN counts every child this process has waited for, so the delta is this command's.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
