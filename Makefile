@@ -55,7 +55,8 @@ figures: install ## Regenerate figures, tables and report from artifacts: make f
 	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make figures SWEEP_DIR=runs/default/2026-01-01_12-00-00"; exit 2; }
 	$(PY) -m analysis $(SWEEP_DIR)
 
-bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md)
+bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md); installs TRL (the bench extra) first
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0" -e ".[dev,bench]"
 	$(PY) bench/pairing.py
 	$(PY) bench/train_vs_trl.py
 	$(PY) bench/eval_vs_cli.py

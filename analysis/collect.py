@@ -177,7 +177,9 @@ def _labels(jobs: list[dict], configs: list[dict]) -> list[str]:
     for job, values in zip(jobs, flat):
         peers = [f for j, f in zip(jobs, flat) if j["method"] == job["method"]]
         keys = sorted({k for f in peers for k in f} - {"method/name"})
-        varying = [k for k in keys if len({f.get(k) for f in peers}) > 1]
+        # Any seed (the run seed, and data.seed which follows it by default) is what a seed sweep
+        # varies: jobs that differ only by seeds share a label and are pooled into mean +- std.
+        varying = [k for k in keys if len({f.get(k) for f in peers}) > 1 and k.split("/")[-1] != "seed"]
         short = sorted(varying, key=lambda k: (LABEL_KEY_ORDER.index(k.split("/")[-1])
                                                if k.split("/")[-1] in LABEL_KEY_ORDER else 99, k))
         parts = []

@@ -237,13 +237,15 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
             extra.update(provenance)
         model = load_causal_lm(model_source, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
+        # Preference metrics first: they are quick and fail on bad pairs before the long lm-eval run.
+        preference = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
         scores: dict[str, dict[str, float]] = {}
         if settings["suite"] != "none":
             results = run_lm_eval(model, tokenizer, manager, tasks, settings)
             scores = flat_scores(results)
             write_lm_eval_outputs(results, workdir)
         document = scores_document(scores, settings, label)
-        document["preference"] = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
+        document["preference"] = preference
         (workdir / "scores.json").write_text(json.dumps(document, indent=2, default=_json_number))
         extra["average"] = document["average"]
         return extra

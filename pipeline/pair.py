@@ -14,8 +14,9 @@ Artifact files:
 - ``histogram.png``: char_ned and token_ned histograms with the bucket edges.
 - synthetic data only: ``eval_mc.jsonl`` and ``eval_gen.jsonl``, held-out problems.
 
-``pairing.bucket_filter`` keeps only one bucket's TRAIN pairs; test pairs of every bucket stay,
-so evaluations of runs trained on different buckets remain comparable.
+``pairing.bucket_filter`` is applied by the train stage, not here: the pairs (and so the
+reference log-probs and the base model's evaluation) are shared by runs that train on different
+buckets, and every run is evaluated on the test pairs of every bucket.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
                 raise UserError("data.path: required for data.source=local (a JSONL, JSON, Parquet or CSV file)")
             # The file's content, not its location, decides the output: moving a file keeps the key.
             data["path"] = "sha256:" + load_local_fingerprint(data["path"])
-    return {"data": data, "pairing": OmegaConf.to_container(cfg.pairing, resolve=True)}
+    pairing = OmegaConf.to_container(cfg.pairing, resolve=True)
+    pairing.pop("bucket_filter", None)  # a train-stage setting: runs on different buckets share these pairs
+    return {"data": data, "pairing": pairing}
 
 
 def load_local_fingerprint(path: str) -> str:
@@ -207,13 +210,6 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
                                                        str(pairing.unit), edges_cfg, pairing.quantiles, labels_cfg)
         for name, values in columns.items():
             frame[name] = values
-        filtered = 0
-        if pairing.bucket_filter is not None:
-            if str(pairing.bucket_filter) not in labels:
-                raise UserError(f"pairing.bucket_filter={pairing.bucket_filter!r}: expected null or one of {labels}")
-            keep = (frame["split"] == "test") | (frame["bucket"] == str(pairing.bucket_filter))
-            filtered = int((~keep).sum())
-            frame = frame[keep].reset_index(drop=True)
         frame.to_parquet(workdir / "pairs.parquet", index=False)
         if len(frame):
             plot_histogram(frame, str(pairing.unit), edges, workdir / "histogram.png")
@@ -222,7 +218,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
             write_jsonl(workdir / "eval_gen.jsonl", extras["eval_gen"])
             stats["eval_items"] = {"mc": len(extras["eval_mc"]), "gen": len(extras["eval_gen"])}
         stats.update({
-            "pairs_kept": len(frame), "duplicates_removed": duplicates, "removed_by_bucket_filter": filtered,
+            "pairs_kept": len(frame), "duplicates_removed": duplicates,
             "rows_skipped": sum(stats["skipped"].values()),
             "pairs_per_kind": dict(Counter(frame["kind"])), "pairs_per_bucket": dict(Counter(frame["bucket"])),
             "pairs_per_split": dict(Counter(frame["split"])),

@@ -17,6 +17,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.errors import UserError
 from pipeline.orchestrate import RUN_RECORD
 
 SUMMARY_COLUMNS = ["job", "method", "overrides", "status", "train_loss", "reward_accuracy", "eval_average", "error"]
@@ -87,9 +88,13 @@ class SweepSummary(Callback):
         write_summary(sweep_dir, table)
         shown = [c for c in SUMMARY_COLUMNS if c in table.columns and c != "error"]
         print(f"\n[sweep] {sweep_dir}\n" + table[shown].to_string(index=False), flush=True)
-        if "analyse" in config.get("stages", []):
-            self.analyse(config, sweep_dir)
         failed = table[table.status != "ok"]
+        if "analyse" in config.get("stages", []):
+            try:
+                self.analyse(config, sweep_dir)
+            except UserError as error:  # e.g. an unreadable artifact: the jobs' results stay, the report is missing
+                print(f"[analyse] error: {error}", file=sys.stderr)
+                sys.exit(1)
         if not failed.empty:
             for _, row in failed.iterrows():
                 print(f"[sweep] job {row.job} ({row.overrides}) {row.status}: {row.error}", file=sys.stderr)

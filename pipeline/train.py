@@ -2,7 +2,7 @@
 
 Upstream: ``model`` (weights + tokenizer), ``pair`` (``pairs.parquet``) and ``reference`` (per-token
 reference log-probs of every pair, never recomputed here). The loss is ``get_loss(method.loss)``;
-the method file's flags (``needs_vocab_term``) decide what the loss input carries. The trainer never
+the method file's flags (``needs_vocab_term``, ``needs_reference``) decide what the loss input carries. The trainer never
 tests a method's name.
 
 Runs on accelerate (CPU, one GPU or DDP via ``accelerate launch --multi_gpu --num_processes N -m pipeline``,
@@ -120,6 +120,10 @@ def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[i
     train_mask = pairs["split"] == "train"
     buckets = bucket_filter(cfg)
     if buckets is not None:
+        known = sorted(pairs["bucket"].astype(str).unique())
+        unknown = [b for b in buckets if b not in known]
+        if unknown:
+            raise UserError(f"pairing.bucket_filter={unknown[0]!r}: expected null or one of {known}")
         train_mask &= pairs["bucket"].astype(str).isin(buckets)
     train_rows = [int(i) for i in train_mask.to_numpy().nonzero()[0]]
     if not train_rows:
@@ -157,7 +161,6 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     train_cfg, seed = cfg.train, int(cfg.seed)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     loss_fn = get_loss(str(cfg.method.loss))
-    needs_vocab_term = bool(cfg.method.get("needs_vocab_term", False))
     set_seed(seed)  # python, numpy, torch (+cuda): LoRA init and dropout
 
     pairs = pd.read_parquet(upstream["pair"].path / "pairs.parquet")
@@ -232,7 +235,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
                 batch = {k: v.to(accelerator.device) for k, v in encodings.collate(rows, tokenizer.pad_token_id).items()}
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
                 with sync:
-                    result = forward_micro_batch(model, batch, rows, reference, loss_fn, method_cfg, needs_vocab_term)
+                    result = forward_micro_batch(model, batch, rows, reference, loss_fn, method_cfg)
                     check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
                     accelerator.backward(result.output.loss / accumulation)
                 collected.add(result, rows)

@@ -143,11 +143,16 @@ class MicroBatchResult:
     tokens: int  # non-padding tokens in the forward
 
 
-def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], reference, loss_fn, method_cfg: dict,
-                        needs_vocab_term: bool) -> MicroBatchResult:
-    """One concatenated forward of chosen and rejected rows, then the loss."""
+def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], reference, loss_fn,
+                        method_cfg: dict) -> MicroBatchResult:
+    """One concatenated forward of chosen and rejected rows, then the loss.
+
+    The method's capability flags decide what the loss input carries: BNF's full-vocabulary term only
+    with ``needs_vocab_term``, the reference's log-probs only with ``needs_reference`` (reference-free
+    losses never see them; the shifts from the reference are still logged).
+    """
     logits, input_ids, response_mask = response_logits(model, batch)
-    scores = score_tokens(logits, input_ids, response_mask, with_others=needs_vocab_term)
+    scores = score_tokens(logits, input_ids, response_mask, with_others=bool(method_cfg.get("needs_vocab_term")))
     del logits
     n = len(rows)
     split = lambda x: (x[:n], x[n:]) if x is not None else (None, None)  # noqa: E731
@@ -156,16 +161,19 @@ def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], re
     others_w, others_l = split(scores.others)
     ref_w = scatter_reference(reference, "chosen", rows, mask_w)
     ref_l = scatter_reference(reference, "rejected", rows, mask_l)
+    with_reference = bool(method_cfg.get("needs_reference", True))
     inp = LossInput(
         chosen_logps=token_w.sum(-1), rejected_logps=token_l.sum(-1),
         chosen_token_logps=token_w, rejected_token_logps=token_l, chosen_mask=mask_w, rejected_mask=mask_l,
-        ref_chosen_logps=ref_w.sum(-1), ref_rejected_logps=ref_l.sum(-1),
-        ref_chosen_token_logps=ref_w, ref_rejected_token_logps=ref_l,
+        ref_chosen_logps=ref_w.sum(-1) if with_reference else None,
+        ref_rejected_logps=ref_l.sum(-1) if with_reference else None,
+        ref_chosen_token_logps=ref_w if with_reference else None,
+        ref_rejected_token_logps=ref_l if with_reference else None,
         chosen_others=others_w, rejected_others=others_l,
     )
     output = loss_fn(inp, method_cfg)
-    return MicroBatchResult(output, (inp.chosen_logps - inp.ref_chosen_logps).detach(),
-                            (inp.rejected_logps - inp.ref_rejected_logps).detach(),
+    return MicroBatchResult(output, (inp.chosen_logps - ref_w.sum(-1)).detach(),
+                            (inp.rejected_logps - ref_l.sum(-1)).detach(),
                             int(batch["attention_mask"].sum()))
 
 

@@ -253,3 +253,11 @@ def test_analyse_stage_is_cached_on_rerun(tmp_path):
     assert links and all((first.path / line.split("](")[1].rstrip(")")).resolve().is_file() for line in links)
     again = analyse.run(OmegaConf.merge(cfg, {"sweep_name": "y"}), upstream, tmp_path / "artifacts")
     assert again.cached and again.key == first.key
+
+
+def test_labels_pool_jobs_that_differ_only_by_seeds():
+    from analysis.collect import _labels
+    configs = [{"method": {"name": "dpo", "beta": beta}, "seed": seed, "data": {"seed": seed}}
+               for beta, seed in [(0.1, 0), (0.1, 1), (0.3, 0)]]
+    labels = _labels([{"method": "dpo"}] * 3, configs)
+    assert labels == ["dpo (beta=0.1)", "dpo (beta=0.1)", "dpo (beta=0.3)"]

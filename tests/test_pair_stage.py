@@ -71,13 +71,18 @@ def test_deterministic_cached_and_key_changes(make_config, tmp_path):
     assert run_pair(make_config, *SMALL, "pairing.bucket_edges=[0.0,0.5,1.0]").key != first.key
 
 
-def test_bucket_filter_keeps_all_test_pairs(make_config):
-    full = pd.read_parquet(run_pair(make_config, *SMALL).path / "pairs.parquet")
-    low = pd.read_parquet(run_pair(make_config, *SMALL, "pairing.bucket_filter=low").path / "pairs.parquet")
-    assert set(low.loc[low["split"] == "train", "bucket"]) == {"low"}
-    assert low[low["split"] == "test"]["pair_id"].tolist() == full[full["split"] == "test"]["pair_id"].tolist()
+def test_bucket_filter_selects_train_pairs_of_one_bucket_and_shares_the_pairs(make_config):
+    from pipeline.train import select_rows
+    full = run_pair(make_config, *SMALL)
+    low_cfg = make_config(*SMALL, "pairing.bucket_filter=low")
+    assert run_pair(make_config, *SMALL, "pairing.bucket_filter=low").key == full.key  # one pair artifact
+    pairs = pd.read_parquet(full.path / "pairs.parquet")
+    train_rows, probe_rows = select_rows(low_cfg, pairs)
+    assert set(pairs.iloc[train_rows]["bucket"]) == {"low"} and set(pairs.iloc[train_rows]["split"]) == {"train"}
+    assert len(train_rows) == int(((pairs["split"] == "train") & (pairs["bucket"] == "low")).sum())
+    assert set(pairs.iloc[probe_rows]["split"]) == {"test"}
     with pytest.raises(UserError, match="pairing.bucket_filter='middle'"):
-        run_pair(make_config, *SMALL, "pairing.bucket_filter=middle")
+        select_rows(make_config(*SMALL, "pairing.bucket_filter=middle"), pairs)
 
 
 def test_quantile_buckets_with_labels(make_config):
