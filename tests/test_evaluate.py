@@ -48,7 +48,7 @@ def test_trained_evaluation_artifact(trained_run):
     assert {"acc", "acc_norm"} <= set(scores["tasks"]["local_mc"])
     assert {"exact_match_strict-match", "exact_match_flexible-extract"} <= set(scores["tasks"]["local_gen"])
     headline_values = [scores["tasks"][task][metric] for task, metric in scores["headline"].items()]
-    assert scores["headline"] == {"local_mc": "acc_norm", "local_gen": "exact_match_strict-match"}
+    assert scores["headline"] == {"local_mc": "acc", "local_gen": "exact_match_strict-match"}
     assert scores["average"] == pytest.approx(sum(headline_values) / 2)
     assert scores["settings"]["limit"] == 3 and scores["settings"]["batch_size"] == 8
     assert scores["settings"]["apply_chat_template"] is False
