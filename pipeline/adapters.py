@@ -14,7 +14,6 @@ to rejected, NaN score) are skipped and counted by reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.artifacts import sha256_file
 from pipeline.errors import UserError
 from pipeline.synthetic import mc_prompt
 
@@ -58,14 +58,6 @@ class SkipRow(Exception):
 
 
 # ---------------------------------------------------------------- loading
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def read_text(path: Path) -> str:
     data = path.read_bytes()
@@ -142,7 +134,7 @@ def load_local(path: str | Path, limit: int | None = None) -> Loaded:
         records = READERS[kind](path)
     except OSError as error:
         raise UserError(f"data.path={path}: cannot read ({error.strerror})") from None
-    return Loaded(records[:limit] if limit else records, str(path), file_sha256(path))
+    return Loaded(records[:limit] if limit else records, str(path), sha256_file(path))
 
 
 def load_hub(hub_id: str, split: str, limit: int | None = None) -> Loaded:

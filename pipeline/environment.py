@@ -29,3 +29,8 @@ def apply_offline_defaults(cache_root: Path | None = None) -> None:
         os.environ.setdefault("WANDB_CACHE_DIR", str(cache_root / "wandb-cache"))
         os.environ.setdefault("WANDB_CONFIG_DIR", str(cache_root / "wandb-config"))
         os.environ.setdefault("MPLCONFIGDIR", str(cache_root / "matplotlib"))
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable is set to 1/true/yes/on (how HF reads its offline flags)."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")

@@ -29,6 +29,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import Artifact, build
+from pipeline.environment import env_flag
 from pipeline.errors import UserError
 
 VERSION = 1
@@ -203,8 +204,7 @@ def dataset_cached(dataset_id: str) -> bool:
 
 
 def offline() -> bool:
-    flags = (os.environ.get(name, "0").strip().lower() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(flag in ("1", "true", "yes", "on") for flag in flags)
+    return env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE")
 
 
 def require_hub_datasets(task_manager, names: list[str], preset: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import Artifact, build
+from pipeline.environment import env_flag
 from pipeline.errors import UserError
 
 VERSION = 1
@@ -47,7 +47,7 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("HF_HUB_OFFLINE")
 
 
 def resolve_source(model_cfg: DictConfig) -> dict[str, Any]:

@@ -75,11 +75,11 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
 
 
 def load_local_fingerprint(path: str) -> str:
-    from pipeline.adapters import file_sha256
+    from pipeline.artifacts import sha256_file
     candidate = Path(path).expanduser()
     if not candidate.is_file():
         raise UserError(f"data.path={path}: file not found")
-    return file_sha256(candidate)
+    return sha256_file(candidate)
 
 
 def load_tokenizer_of(upstream: dict[str, Artifact]):
