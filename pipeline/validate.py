@@ -48,6 +48,14 @@ def non_negative(key: str) -> Callable[[DictConfig], None]:
     return check
 
 
+def one_of(key: str, options) -> Callable[[DictConfig], None]:
+    def check(cfg: DictConfig) -> None:
+        value = select(cfg, key)
+        if value is not None and value not in options:
+            raise UserError(f"{key}={value!r}: expected one of {list(options)}")
+    return check
+
+
 def fraction(key: str) -> Callable[[DictConfig], None]:
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
@@ -193,21 +201,15 @@ def check_data_and_pairing(cfg: DictConfig) -> None:
     path = select(cfg, "data.path")
     if source == "local" and path not in (None, "???") and not os.path.isfile(os.path.expanduser(str(path))):
         raise UserError(f"data.path={path}: file not found (expected a JSONL, JSON, Parquet or CSV file)")
-    schema = select(cfg, "data.schema")
-    if schema is not None and schema not in ("auto", *SCHEMAS):
-        raise UserError(f"data.schema={schema!r}: expected auto or one of {list(SCHEMAS)}")
-    strategy = select(cfg, "data.multi_completion_strategy")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise UserError(f"data.multi_completion_strategy={strategy!r}: expected one of {list(STRATEGIES)}")
+    one_of("data.schema", ("auto", *SCHEMAS))(cfg)
+    one_of("data.multi_completion_strategy", STRATEGIES)(cfg)
     mix = select(cfg, "data.kind_mix")
     if mix is not None:
         unknown = sorted(set(mix) - {"corrupt_step", "wrong_solution", "mc_distractor"})
         weights = [mix[k] for k in mix]
         if unknown or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"data.kind_mix={dict(mix)}: expected weights >= 0 (sum > 0) for corrupt_step, wrong_solution, mc_distractor")
-    unit = select(cfg, "pairing.unit")
-    if unit is not None and unit not in UNITS:
-        raise UserError(f"pairing.unit={unit!r}: expected one of {list(UNITS)}")
+    one_of("pairing.unit", UNITS)(cfg)
     edges = select(cfg, "pairing.bucket_edges")
     if edges is not None:
         edges = list(edges)
