@@ -1,6 +1,8 @@
 """Stage "reference": per-token log-probs of the frozen reference model on every pair, computed once.
 
-Its key holds the model and pairs artifacts plus only what changes the numbers: the tokenisation
+Its key holds the model artifact, a hash of the scored text (each row's pair_id, which hashes prompt,
+chosen and rejected, and the rendered prompt) rather than the pair artifact's key — so pairings that
+differ only in bucket edges or unit share one reference — plus only what changes the numbers: the tokenisation
 budget (``train.max_length``, ``train.max_prompt_length``), the forward precision
 (``train.precision``: bf16 autocast or fp32, as the trainer's forward, so policy and reference agree
 at step 0) and the weights' loading dtype (``model.dtype``). Method, beta, seed and batch size are
@@ -14,6 +16,7 @@ log-probs, observed-token logits and token ids of chosen and rejected, train AND
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from pipeline.artifacts import Artifact, build
 from pipeline.batching import check_token_budget
 from pipeline.scoring import ScoredPairs, score_pairs
 
-VERSION = 1
+VERSION = 2  # 2: keyed by the scored text, not the pair artifact
 STAGE = "reference"
 SCORES_FILE = "reference.safetensors"
 PAIR_IDS_FILE = "pair_ids.json"
@@ -51,11 +54,12 @@ def device() -> torch.device:
 def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     from pipeline.models import load_causal_lm, load_tokenizer
 
-    subset = config_subset(cfg)
-    inputs = {"model": upstream["model"], "pair": upstream["pair"]}
+    pair = upstream["pair"]
+    pairs = pd.read_parquet(Path(pair.path) / PAIRS_FILE)  # every split: probes and evaluation need test pairs
+    subset = {**config_subset(cfg), "scored_text": scored_text_hash(pairs)}
+    inputs = {"model": upstream["model"]}
 
     def compute(workdir: Path) -> dict[str, Any]:
-        pairs = pd.read_parquet(Path(inputs["pair"].path) / PAIRS_FILE)  # every split: probes and evaluation need test pairs
         tokenizer = load_tokenizer(inputs["model"], trust_remote_code=bool(cfg.model.trust_remote_code))
         model = load_causal_lm(inputs["model"], cfg.model, trainable=False).to(device())
         scored = score_pairs(model, tokenizer, pairs, subset["max_length"], subset["max_prompt_length"],
@@ -63,9 +67,20 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
                              desc="reference log-probs")
         scored.save(workdir / SCORES_FILE)
         (workdir / PAIR_IDS_FILE).write_text(json.dumps(scored.pair_ids))
-        return {"pairs": len(scored), "sequences_scored": 2 * len(scored), **token_stats(scored, tokenizer.eos_token_id)}
+        return {"pairs": len(scored), "sequences_scored": 2 * len(scored), "first_pair_artifact": pair.key,
+                **token_stats(scored, tokenizer.eos_token_id)}
 
     return build(root, STAGE, VERSION, subset, inputs, compute)
+
+
+def scored_text_hash(pairs: pd.DataFrame) -> str:
+    """What the reference model reads, in row order: pair_id (a hash of prompt, chosen, rejected) and the
+    rendered prompt. Bucket columns are left out on purpose."""
+    digest = hashlib.sha256()
+    for pair_id, prompt in zip(pairs["pair_id"].astype(str), pairs["prompt"].astype(str)):
+        digest.update(pair_id.encode())
+        digest.update(hashlib.sha256(prompt.encode()).digest())
+    return digest.hexdigest()
 
 
 def token_stats(scored: ScoredPairs, eos_id: int) -> dict[str, int]:

@@ -164,3 +164,9 @@ def test_pair_then_reference_through_the_orchestrator(make_config, tmp_path):
     assert scored.pair_ids == list(pairs["pair_id"]) and set(pairs["split"]) == {"train", "test"}
     again = Run(cfg, tmp_path / "run2").execute()
     assert all(entry["cached"] for entry in again["artifacts"].values())
+    # Other bucket edges: a new pair artifact, but the same scored text, so the same reference.
+    rebucketed = Run(make_config("stages=[pair,reference]", "model=tiny", "logger=none", "data.num_problems=12",
+                                 "data.num_eval_items=4", "train.max_length=128", "train.max_prompt_length=64",
+                                 "pairing.bucket_edges=[0.0,0.5,1.0]"), tmp_path / "run3").execute()
+    assert rebucketed["artifacts"]["pair"]["key"] != record["artifacts"]["pair"]["key"]
+    assert rebucketed["artifacts"]["reference"] == again["artifacts"]["reference"]
