@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.artifacts import sha256_file
 from pipeline.errors import UserError
 from pipeline.synthetic import mc_prompt
 
@@ -36,7 +35,6 @@ FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv":
 class Loaded:
     records: list[dict[str, Any]]
     origin: str          # what error messages name: the file path or hub id:split
-    fingerprint: str     # content hash (files) or id (hub): the artifact key uses it, never the path
 
 
 @dataclass
@@ -134,7 +132,7 @@ def load_local(path: str | Path, limit: int | None = None) -> Loaded:
         records = READERS[kind](path)
     except OSError as error:
         raise UserError(f"data.path={path}: cannot read ({error.strerror})") from None
-    return Loaded(records[:limit] if limit else records, str(path), sha256_file(path))
+    return Loaded(records[:limit] if limit else records, str(path))
 
 
 def load_hub(hub_id: str, split: str, limit: int | None = None) -> Loaded:
@@ -148,7 +146,7 @@ def load_hub(hub_id: str, split: str, limit: int | None = None) -> Loaded:
                         f"download the file and use data=local data.path=<file> (JSONL, JSON, Parquet or CSV)") from None
     if limit:
         dataset = dataset.select(range(min(int(limit), len(dataset))))
-    return Loaded(dataset.to_list(), f"{hub_id}:{split}", f"hub:{hub_id}:{split}:{getattr(dataset, '_fingerprint', '')}")
+    return Loaded(dataset.to_list(), f"{hub_id}:{split}")
 
 
 # ---------------------------------------------------------------- field access

@@ -14,7 +14,3 @@ class UserError(Exception):
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # force a single line
 
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)

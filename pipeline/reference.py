@@ -10,14 +10,13 @@ not in it, so every method, beta and seed of a sweep reuses one artifact; the ma
 ``sequences_scored`` shows how many sequences went through the model, once.
 
 Artifact: ``reference.safetensors`` (``pipeline.scoring.ScoredPairs``: ragged fp32 per-token
-log-probs, observed-token logits and token ids of chosen and rejected, train AND test split) and
-``pair_ids.json`` (row order).
+log-probs, observed-token logits and token ids of chosen and rejected, train AND test split; the
+row order's pair ids are in its metadata).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from pipeline.scoring import ScoredPairs, score_pairs
 VERSION = 2  # 2: keyed by the scored text, not the pair artifact
 STAGE = "reference"
 SCORES_FILE = "reference.safetensors"
-PAIR_IDS_FILE = "pair_ids.json"
 PAIRS_FILE = "pairs.parquet"  # written by the pair stage
 PRECISIONS = ("fp32", "bf16")
 
@@ -66,7 +64,6 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
                              int(cfg.train.reference_batch_size), precision=subset["precision"],
                              desc="reference log-probs")
         scored.save(workdir / SCORES_FILE)
-        (workdir / PAIR_IDS_FILE).write_text(json.dumps(scored.pair_ids))
         return {"pairs": len(scored), "sequences_scored": 2 * len(scored), "first_pair_artifact": pair.key,
                 **token_stats(scored, tokenizer.eos_token_id)}
 
@@ -97,5 +94,5 @@ def token_stats(scored: ScoredPairs, eos_id: int) -> dict[str, int]:
 
 
 def load_reference(artifact: Artifact) -> ScoredPairs:
-    """The reference scores of a reference artifact (rows in ``pair_ids.json`` order)."""
+    """The reference scores of a reference artifact (rows in pairs.parquet order, ids in ``.pair_ids``)."""
     return ScoredPairs.load(Path(artifact.path) / SCORES_FILE)

@@ -48,14 +48,6 @@ def non_negative(key: str) -> Callable[[DictConfig], None]:
     return check
 
 
-def one_of(key: str, options) -> Callable[[DictConfig], None]:
-    def check(cfg: DictConfig) -> None:
-        value = select(cfg, key)
-        if value is not None and value not in options:
-            raise UserError(f"{key}={value!r}: expected one of {list(options)}")
-    return check
-
-
 def fraction(key: str) -> Callable[[DictConfig], None]:
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
@@ -81,7 +73,7 @@ def half_open_fraction(key: str) -> Callable[[DictConfig], None]:
     return check
 
 
-def one_of(key: str, choices: tuple[str, ...]) -> Callable[[DictConfig], None]:
+def one_of(key: str, choices: tuple[str, ...] | list[str]) -> Callable[[DictConfig], None]:
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
         if value is not None and value not in choices:

@@ -228,5 +228,5 @@ def test_hub_offline_is_one_line_pointing_to_local_files():
 
 
 def test_loaded_records_pass_through_unchanged():
-    loaded = Loaded([{"prompt": "p", "chosen": "a", "rejected": "b"}], "memory", "x")
+    loaded = Loaded([{"prompt": "p", "chosen": "a", "rejected": "b"}], "memory")
     assert adapt(loaded, "prompt_chosen_rejected", COLUMNS, OPTS).pairs[0]["kind"] == "explicit"

@@ -213,7 +213,7 @@ TABLE_REJECTED = [(-0.470616, -0.407606, -0.561239, 0.950344, 0.148333),
                   (-0.490687, -0.239545, -0.477054, 0.874429, 0.589497)]
 
 
-def spec_pair(guards=False):
+def spec_pair():
     (sc, _), (sr, _) = bnf_scores(PAIR_CHOSEN), bnf_scores(PAIR_REJECTED)
     ref_c = torch.tensor([REF_CHOSEN]).log()
     ref_r = torch.tensor([REF_REJECTED]).log()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO_ROOT
 
 TINY = ["model=tiny", "train.max_steps=3", "train.probe_every=3", "eval.limit=4", "data.num_problems=60",
         "data.num_eval_items=16", "logger=none"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -43,7 +44,12 @@ def test_offline_run_writes_logged_keys(tmp_path, monkeypatch):
     tracker.finish()  # finishing twice is harmless (multirun cleanup paths may call it again)
     assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
     (log_file,) = run_dir.glob("run-*.wandb")
-    raw = log_file.read_bytes()  # the offline record log (protobuf); `wandb sync` uploads it later
+    # The offline record log (protobuf; `wandb sync` uploads it later). wandb-core may still be
+    # flushing it right after finish() on a loaded machine: wait for it, bounded.
+    deadline = time.monotonic() + 60
+    while b"probe_table_unique" not in log_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    raw = log_file.read_bytes()
     for needle in (b"train/loss", b"train/rewards/margins_unique_key", b"final/summary_unique_key",
                    b"unit-sweep", b"dpop", b"probe_table_unique"):
         assert needle in raw, needle
