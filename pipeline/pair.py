@@ -10,7 +10,7 @@ Artifact files:
   rejected, source, kind, split, char_distance, char_ned, token_distance, token_ned, bucket
   (+ row: the source row, prompt_messages: JSON of the chat context or null).
 - ``unpaired.parquet`` (schema ``unpaired`` only): row_id, prompt, raw_prompt, completion, label, split.
-- ``stats.json``: rows read/kept/skipped by reason, duplicates, pairs per kind/bucket/split, quantiles.
+- ``stats.json``: rows read/kept/skipped by reason, duplicates, pairs per kind/bucket/split, prompts per split, quantiles.
 - ``histogram.png``: char_ned and token_ned histograms with the bucket edges.
 - synthetic data only: ``eval_mc.jsonl`` and ``eval_gen.jsonl``, held-out problems.
 
@@ -48,9 +48,15 @@ def short_hash(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def split_of(item_id: str, test_fraction: float) -> str:
-    """Deterministic from the id alone, so adding rows never moves existing pairs."""
-    draw = int(hashlib.sha256(f"split:{item_id}".encode()).hexdigest()[:8], 16) / 2**32
+def split_of(prompt: str, test_fraction: float) -> str:
+    """"train" or "test" for every pair (and unpaired row) of this prompt.
+
+    Drawn per PROMPT, not per pair: a question with several pairs (multiple-choice distractors,
+    best-vs-each completions) must not have pairs on both sides, or held-out pairs would share
+    their prompt and chosen answer with training pairs. A stable hash of the prompt text alone, so
+    adding rows never moves existing prompts.
+    """
+    draw = int(hashlib.sha256(f"split:{prompt}".encode()).hexdigest()[:8], 16) / 2**32
     return "test" if draw < test_fraction else "train"
 
 
@@ -138,7 +144,7 @@ def build_pairs_frame(pairs: list[dict[str, Any]], prompts: list[str], source: s
     })
     before = len(frame)
     frame = frame.drop_duplicates("pair_id", keep="first").reset_index(drop=True)
-    frame.insert(7, "split", [split_of(i, test_fraction) for i in frame["pair_id"]])
+    frame.insert(7, "split", [split_of(p, test_fraction) for p in frame["raw_prompt"]])
     return frame, before - len(frame)
 
 
@@ -149,7 +155,7 @@ def write_unpaired(rows: list[dict[str, Any]], tokenizer, pairing: DictConfig, p
         "row_id": ids,
         "prompt": render_prompts(raw, [r["messages"] for r in rows], tokenizer, bool(pairing.apply_chat_template)),
         "raw_prompt": raw, "completion": [r["completion"] for r in rows], "label": [bool(r["label"]) for r in rows],
-        "split": [split_of(i, float(pairing.test_fraction)) for i in ids],
+        "split": [split_of(p, float(pairing.test_fraction)) for p in raw],
     }).drop_duplicates("row_id")
     frame.to_parquet(path, index=False)
     return len(frame)
@@ -222,6 +228,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
             "rows_skipped": sum(stats["skipped"].values()),
             "pairs_per_kind": dict(Counter(frame["kind"])), "pairs_per_bucket": dict(Counter(frame["bucket"])),
             "pairs_per_split": dict(Counter(frame["split"])),
+            "prompts_per_split": {str(k): int(v) for k, v in frame.groupby("split")["raw_prompt"].nunique().items()},
             "pairs_per_kind_bucket": {f"{k}/{b}": int(n) for (k, b), n in frame.groupby(["kind", "bucket"]).size().items()},
             "bucket_unit": str(pairing.unit), "bucket_edges": edges.tolist(), "bucket_labels": labels,
             "quantiles": {name: quantiles(frame[name]) for name in DISTANCES},

@@ -52,11 +52,75 @@ def test_synthetic_artifact_files_and_columns(synthetic):
     assert len(eval_mc) == 100 and not set(e["question"] for e in eval_mc) & set(frame["raw_prompt"])
 
 
-def test_split_is_a_function_of_the_pair_id(synthetic):
+def prompts_on_both_sides(frame: pd.DataFrame) -> set[str]:
+    return set(frame.loc[frame["split"] == "train", "raw_prompt"]) & set(frame.loc[frame["split"] == "test", "raw_prompt"])
+
+
+def test_default_data_split_is_prompt_disjoint(synthetic):
+    """mc_distractor problems have one pair per distractor: all of them fall on one side."""
     frame = pd.read_parquet(synthetic.path / "pairs.parquet")
-    assert all(pair.split_of(i, 0.2) == s for i, s in zip(frame["pair_id"], frame["split"]))  # default test_fraction
-    assert all(pair.short_hash(p, c, r) == i for i, p, c, r in
-               zip(frame["pair_id"], frame["raw_prompt"], frame["chosen"], frame["rejected"]))
+    assert frame.groupby("raw_prompt").size().max() > 1  # several pairs share a prompt, so the check has teeth
+    assert prompts_on_both_sides(frame) == set()
+    stats = json.loads((synthetic.path / "stats.json").read_text())
+    assert stats["prompts_per_split"] == {s: frame.loc[frame["split"] == s, "raw_prompt"].nunique() for s in ("train", "test")}
+    assert stats["pairs_per_split"] == frame["split"].value_counts().to_dict()
+
+
+def test_split_is_stable_when_rows_are_added(make_config, tmp_path):
+    """Adding rows (new prompts, or new pairs of an existing prompt) never moves an existing pair."""
+    rows = [{"prompt": f"question {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"} for i in range(80)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    first = pd.read_parquet(run_pair(make_config, "data=local", f"data.path={path}", "pairing.test_fraction=0.5").path
+                            / "pairs.parquet")
+    more = rows + [{"prompt": f"question {i}", "chosen": f"right {i}", "rejected": f"other {i}"} for i in range(80)]
+    more += [{"prompt": f"new question {i}", "chosen": "a", "rejected": "b"} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in more))
+    second = pd.read_parquet(run_pair(make_config, "data=local", f"data.path={path}", "pairing.test_fraction=0.5").path
+                             / "pairs.parquet")
+    old = second.set_index("pair_id").loc[first["pair_id"], "split"]
+    assert old.tolist() == first["split"].tolist()
+    assert 0.3 < (first["split"] == "test").mean() < 0.7 and prompts_on_both_sides(second) == set()
+
+
+SCHEMA_FIXTURES = {  # fixture -> the overrides its layout needs (as in tests/test_adapters.py)
+    "arc_challenge.jsonl": ("data.columns.answer=answerKey",),
+    "hellaswag.jsonl": ("data.schema=multiple_choice", "data.columns.question=ctx", "data.columns.choices=endings",
+                        "data.columns.answer=label"),
+    "hh_rlhf.jsonl": (), "metamath_dpop.csv": (), "metamath_dpop.jsonl": (), "ultrafeedback_binarized.jsonl": (),
+    "ultrafeedback_scored.jsonl": ("data.columns.prompt=instruction", "data.columns.completion_text=response",
+                                   "data.columns.completion_score=overall_score", "data.multi_completion_strategy=all_pairs"),
+}
+
+
+def test_schema_fixture_list_is_complete():
+    assert set(SCHEMA_FIXTURES) | {"kto_unpaired.jsonl"} == {p.name for p in FIXTURES.iterdir()}
+
+
+@pytest.mark.parametrize("fixture", sorted(SCHEMA_FIXTURES))
+def test_every_schema_fixture_is_prompt_disjoint(make_config, fixture):
+    art = run_pair(make_config, "data=local", f"data.path={FIXTURES / fixture}", "pairing.test_fraction=0.5",
+                   *SCHEMA_FIXTURES[fixture])
+    frame = pd.read_parquet(art.path / "pairs.parquet")
+    assert len(frame) and prompts_on_both_sides(frame) == set()
+
+
+def test_many_pairs_per_prompt_stay_together(make_config, tmp_path):
+    """Multiple choice (a pair per distractor) and scored completions (all pairs) on 60 questions each."""
+    mc = [{"question": f"What is {i} + {i}?", "choices": [str(2 * i), str(2 * i + 1), str(2 * i + 2), str(i)], "answer": 0}
+          for i in range(1, 61)]
+    scored = [{"prompt": f"Say {i}.", "completions": [f"{i}", f"{i}!", f"{i}?", "no"], "scores": [4, 3, 2, 1]}
+              for i in range(60)]
+    for name, rows, extra in (("mc.jsonl", mc, ()), ("scored.jsonl", scored, ("data.multi_completion_strategy=all_pairs",))):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        frame = pd.read_parquet(run_pair(make_config, "data=local", f"data.path={path}", "pairing.test_fraction=0.5",
+                                         *extra).path / "pairs.parquet")
+        assert frame.groupby("raw_prompt").size().min() >= 3 and set(frame["split"]) == {"train", "test"}
+        assert prompts_on_both_sides(frame) == set()
+    unpaired = pd.read_parquet(run_pair(make_config, "data=local", f"data.path={FIXTURES / 'kto_unpaired.jsonl'}",
+                                        "pairing.test_fraction=0.5").path / "unpaired.parquet")
+    assert unpaired.groupby("raw_prompt")["split"].nunique().max() == 1
 
 
 def test_deterministic_cached_and_key_changes(make_config, tmp_path):
