@@ -79,7 +79,7 @@ def score_tokens(logits: Tensor, input_ids: Tensor, response_mask: Tensor, with_
 def first_difference_index(a: Sequence[int], b: Sequence[int]) -> int:
     """First index where token lists ``a`` and ``b`` differ; ``min(len(a), len(b))`` if one is a prefix.
 
-    Smaug Fig. 4 averages the chosen log-probs from this index on (the tokens after the shared prefix).
+    Smaug Fig. 4 averages the chosen log-probs after this index (the tokens after the differing one).
     """
     a, b = list(a), list(b)
     for index, (x, y) in enumerate(zip(a, b)):

@@ -5,9 +5,11 @@ Definitions (SPEC.md; Smaug = Pal et al. 2024):
 - ``rho_chosen = policy_chosen_logp - ref_chosen_logp`` (the log-ratio; DPO's implicit reward is
   ``beta * rho``; beta is left out so the table is method-free), likewise ``rho_rejected``.
 - ``margin = rho_chosen - rho_rejected``; ``reward_correct = margin > 0`` (mean: reward accuracy).
-- ``chosen_after_diff_mean_logp``: mean per-token log-prob of the chosen tokens from the first
-  token where the chosen and rejected token ids differ (Smaug Fig. 4); ``ref_...`` the same under
-  the reference. NaN when the chosen response is a prefix of the rejected one.
+- ``chosen_after_diff_mean_logp``: mean per-token log-prob of the chosen tokens AFTER the first
+  token where the chosen and rejected token ids differ (Smaug Fig. 4: the differing token itself is
+  excluded, so for a pair whose responses differ from their first token it is the chosen response
+  without that token); ``ref_...`` the same under the reference. NaN when no chosen token follows the
+  first difference (the chosen response is a prefix of the rejected one, or differs only at its end).
 - ``chosen_logit_shift``: mean over chosen response tokens of (policy observed-token logit -
   reference observed-token logit); likewise ``rejected_logit_shift``.
 """
@@ -59,8 +61,10 @@ def pair_table(policy: ScoredPairs, reference: ScoredPairs, pairs_df: pd.DataFra
         row["margin"] = row["rho_chosen"] - row["rho_rejected"]
         row["reward_correct"] = bool(row["margin"] > 0)
         row["first_diff_index"] = start
-        row["chosen_after_diff_mean_logp"] = mean_logp_after(policy.token_logps("chosen", i), start)
-        row["ref_chosen_after_diff_mean_logp"] = mean_logp_after(reference.token_logps("chosen", r), start)
+        after = start + 1  # the tokens after the differing one
+        row["chosen_after_diff_tokens"] = max(int(policy.lengths("chosen")[i]) - after, 0)
+        row["chosen_after_diff_mean_logp"] = mean_logp_after(policy.token_logps("chosen", i), after)
+        row["ref_chosen_after_diff_mean_logp"] = mean_logp_after(reference.token_logps("chosen", r), after)
         for side in SIDES:
             row[f"{side}_logit_shift"] = (
                 _mean(policy.observed_logits(side, i) - reference.observed_logits(side, r)) if has_logits else math.nan)

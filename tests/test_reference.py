@@ -135,16 +135,18 @@ def test_pair_table_hand_built_case():
     assert a["policy_chosen_logp"] == -2.0 and a["ref_chosen_logp"] == -4.0 and a["rho_chosen"] == 2.0
     assert a["policy_rejected_logp"] == -6.0 and a["ref_rejected_logp"] == -5.0 and a["rho_rejected"] == -1.0
     assert a["margin"] == 3.0 and a["reward_correct"]
-    assert a["first_diff_index"] == 1
-    assert a["chosen_after_diff_mean_logp"] == pytest.approx(-1.0 / 3) and a["ref_chosen_after_diff_mean_logp"] == -1.0
+    assert a["first_diff_index"] == 1 and a["chosen_after_diff_tokens"] == 2
+    # Smaug Fig. 4: the chosen tokens AFTER the differing token 8 (index 1): -0.25, -0.25 (policy), -1, -1 (reference)
+    assert a["chosen_after_diff_mean_logp"] == -0.25 and a["ref_chosen_after_diff_mean_logp"] == -1.0
     assert a["chosen_logit_shift"] == pytest.approx(1.5) and a["rejected_logit_shift"] == -1.0
     assert b["rho_chosen"] == -1.0 and b["rho_rejected"] == 0.0 and b["margin"] == -1.0 and not b["reward_correct"]
     assert b["first_diff_index"] == 1 and math.isnan(b["chosen_after_diff_mean_logp"])  # chosen is a prefix
+    assert b["chosen_after_diff_tokens"] == 0
     assert b["chosen_logit_shift"] == -1.0 and b["rejected_logit_shift"] == 0.0
     summary = summarise(table.reset_index())
     assert summary["overall"]["pairs"] == 2 and summary["overall"]["reward_accuracy"] == 0.5
     assert summary["overall"]["margin"] == pytest.approx(1.0)
-    assert summary["overall"]["chosen_after_diff_mean_logp"] == pytest.approx(-1.0 / 3)  # NaN skipped
+    assert summary["overall"]["chosen_after_diff_mean_logp"] == -0.25  # NaN skipped
     assert summary["by_bucket"]["high"]["chosen_after_diff_mean_logp"] is None
     assert summary["by_bucket"]["low"]["reward_accuracy"] == 1.0
     with pytest.raises(ValueError, match="tokens differ"):
