@@ -45,6 +45,9 @@ class LossInput:
     ref_rejected_token_logps: Tensor | None = None
     chosen_others: Tensor | None = None  # BNF's O_t from score_tokens(..., with_others=True)
     rejected_others: Tensor | None = None
+    # [B] bool: chosen and rejected are the same token sequence (the trainer sets it from token ids;
+    # log-probs cannot tell, since the same tokens in two rows of one forward may differ by rounding).
+    same_response: Tensor | None = None
 
 
 @dataclass
@@ -164,7 +167,9 @@ def bnf_token_terms(token_logps: Tensor, ref_token_logps: Tensor, others: Tensor
 
 
 def _same_sequence(logps_a: Tensor, mask_a: Tensor, logps_b: Tensor, mask_b: Tensor) -> Tensor:
-    """``[B]`` bool: rows whose masks and per-token log-probs are identical (y_w == y_l)."""
+    """``[B]`` bool: rows whose masks and per-token log-probs are identical (y_w == y_l).
+
+    The fallback when the caller gives no ``same_response`` (token ids are the reliable test)."""
     width = max(logps_a.shape[-1], logps_b.shape[-1])
     pad = lambda x: F.pad(x.detach(), (0, width - x.shape[-1]))  # noqa: E731
     return (pad(mask_a) == pad(mask_b)).all(-1) & (pad(logps_a * mask_a) == pad(logps_b * mask_b)).all(-1)
@@ -204,7 +209,8 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
         n_w = n_l = torch.ones((), dtype=len_w.dtype, device=len_w.device)
     else:
         raise UserError(f"method.normalisation={normalisation!r}: expected one of batch_min, per_sequence, none")
-    identical = _same_sequence(inp.chosen_token_logps, inp.chosen_mask, inp.rejected_token_logps, inp.rejected_mask)
+    identical = inp.same_response if inp.same_response is not None else _same_sequence(
+        inp.chosen_token_logps, inp.chosen_mask, inp.rejected_token_logps, inp.rejected_mask)
     losses = -(a_w.sum(-1) / n_w - a_l.sum(-1) / n_l)
     losses = torch.where(identical, torch.zeros_like(losses), losses)
     reward_w = (inp.chosen_token_logps - inp.ref_chosen_token_logps) * inp.chosen_mask

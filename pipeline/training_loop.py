@@ -135,6 +135,12 @@ def scatter_reference(reference, side: str, rows: Sequence[int], mask: Tensor) -
     return out
 
 
+def same_rows(input_ids: Tensor, mask: Tensor, n: int) -> Tensor:
+    """``[n]`` bool: chosen row i and rejected row n+i hold the same response tokens (same prompt by construction)."""
+    ids = input_ids[:, 1:] * mask.long()  # [2n, T-1], response tokens only
+    return (ids[:n] == ids[n:]).all(-1) & (mask[:n] == mask[n:]).all(-1)
+
+
 @dataclass
 class MicroBatchResult:
     output: LossOutput
@@ -170,6 +176,7 @@ def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], re
         ref_chosen_token_logps=ref_w if with_reference else None,
         ref_rejected_token_logps=ref_l if with_reference else None,
         chosen_others=others_w, rejected_others=others_l,
+        same_response=same_rows(input_ids, scores.mask, n),
     )
     output = loss_fn(inp, method_cfg)
     return MicroBatchResult(output, (inp.chosen_logps - ref_w.sum(-1)).detach(),

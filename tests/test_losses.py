@@ -254,6 +254,8 @@ def stack_inputs(*inputs: LossInput) -> LossInput:
     """Concatenate single-pair inputs along the batch (right-padding per-token tensors with zeros)."""
     def cat(name):
         parts = [getattr(i, name) for i in inputs]
+        if parts[0] is None:
+            return None
         if parts[0].dim() == 1:
             return torch.cat(parts)
         width = max(p.shape[-1] for p in parts)
@@ -262,14 +264,34 @@ def stack_inputs(*inputs: LossInput) -> LossInput:
 
 
 def test_bnf_identical_pairs_are_masked_but_counted():
+    """A pair whose two responses are the same tokens contributes 0 and still counts in the mean over B.
+
+    The two rows of one forward may score the same tokens a little differently (batch layout,
+    reduced precision), so the loss trusts the trainer's token-id test (``same_response``), not the
+    log-probs: here the "rejected" copy carries perturbed log-probs, so unmasked it would add a
+    non-zero term.
+    """
     pair = spec_pair()
     same = spec_pair()
     for field in ("token_logps", "mask", "others", "logps"):
-        setattr(same, f"rejected_{field}", getattr(same, f"chosen_{field}"))
+        setattr(same, f"rejected_{field}", getattr(same, f"chosen_{field}").clone())
+    same.rejected_token_logps = same.rejected_token_logps - 0.01 * same.rejected_mask  # rounding noise
+    same.rejected_logps = same.rejected_token_logps.sum(-1)
     same.ref_rejected_token_logps, same.ref_rejected_logps = same.ref_chosen_token_logps, same.ref_chosen_logps
-    out = bnf_loss(stack_inputs(pair, same), {"normalisation": "none", "guards": True})
+    batch = stack_inputs(pair, same)
+    unmasked = bnf_loss(batch, {"normalisation": "none", "guards": True})
+    assert abs(unmasked.loss.item() - (-0.869525 / 2)) > 1e-3  # the noise matters when nothing masks it
+    batch.same_response = torch.tensor([False, True])
+    out = bnf_loss(batch, {"normalisation": "none", "guards": True})
     assert out.loss.item() == pytest.approx(-0.869525 / 2, abs=1e-5)  # mean over B = 2 (as in oat)
     assert out.metrics["bnf/identical_pairs"].item() == 0.5
+
+
+def test_same_rows_compares_response_tokens():
+    from pipeline.training_loop import same_rows
+    ids = torch.tensor([[1, 5, 6, 7, 0], [1, 5, 6, 8, 0], [1, 5, 6, 7, 0], [1, 5, 6, 7, 9]])  # chosen 0,1; rejected 0,1
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 1.0]])  # scores tokens 1: of each row
+    assert same_rows(ids, mask, 2).tolist() == [True, False]
 
 
 def test_bnf_unpaired_rows_and_sft_limit():
