@@ -52,21 +52,22 @@ def score_tokens(logits: Tensor, input_ids: Tensor, response_mask: Tensor, with_
     keep = response_mask[:, 1:].bool()
     mask = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
-    # Autocast off: under bf16 autocast logsumexp/log_softmax could otherwise run in low precision.
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        shifted = logits[:, :-1].to(dtype)  # [N, T-1, V]
-        observed = shifted.detach().gather(-1, labels).squeeze(-1)  # [N, T-1]
-        # log_softmax saves only its output for backward (the upcast logits are freed), and its CPU
-        # backward is faster than logsumexp's; measured at 8 x 128 x 49152.
-        log_p = torch.log_softmax(shifted, dim=-1)
-        token_logps = log_p.gather(-1, labels).squeeze(-1)
-        others = None
-        if with_others:
-            # O_t = sum_{j != y} sg(p_j) log p_j: the observed token's weight zeroed, weights detached.
-            weights = log_p.detach().exp().scatter_(-1, labels, 0.0)
-            # clamp: a -inf logit has weight 0, and 0 * -inf would be nan.
-            o_t = (weights * log_p.clamp_min(torch.finfo(dtype).min)).sum(-1)
-            others = torch.where(keep, o_t, zero)
+    # The upcast below is what keeps the math fp32 under bf16 autocast: autocast leaves log_softmax,
+    # gather, exp and elementwise ops alone for fp32 inputs (it only lowers matmul-like ops), so no
+    # autocast guard is needed; tests/test_logprobs.py fails if the upcast goes.
+    shifted = logits[:, :-1].to(dtype)  # [N, T-1, V]
+    observed = shifted.detach().gather(-1, labels).squeeze(-1)  # [N, T-1]
+    # log_softmax saves only its output for backward (the upcast logits are freed), and its CPU
+    # backward is faster than logsumexp's; measured at 8 x 128 x 49152.
+    log_p = torch.log_softmax(shifted, dim=-1)
+    token_logps = log_p.gather(-1, labels).squeeze(-1)
+    others = None
+    if with_others:
+        # O_t = sum_{j != y} sg(p_j) log p_j: the observed token's weight zeroed, weights detached.
+        weights = log_p.detach().exp().scatter_(-1, labels, 0.0)
+        # clamp: a -inf logit has weight 0, and 0 * -inf would be nan.
+        o_t = (weights * log_p.clamp_min(torch.finfo(dtype).min)).sum(-1)
+        others = torch.where(keep, o_t, zero)
     # where() rather than * mask: padding positions may hold inf/nan that 0 * x would keep.
     return TokenScores(
         token_logps=torch.where(keep, token_logps, zero),

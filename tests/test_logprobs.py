@@ -49,15 +49,21 @@ def test_matches_log_softmax_gather_and_masks_prompt_and_padding():
 
 
 def test_bf16_logits_are_scored_in_fp32_even_under_autocast():
+    """bf16 logits under bf16 autocast: every score is fp32 and equals the fp32 computation (log_softmax of
+    bf16 input would stay bf16 and be off by ~1e-2 at these magnitudes)."""
     torch.manual_seed(1)
-    logits = torch.randn(2, 5, 7).to(torch.bfloat16)
+    logits = (8 * torch.randn(2, 5, 7)).to(torch.bfloat16)
     ids = torch.randint(0, 7, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = score_tokens(logits, ids, mask, with_others=True)
     assert scores.token_logps.dtype == scores.others.dtype == scores.mask.dtype == torch.float32
-    exact = score_tokens(logits.float(), ids, mask).token_logps
-    torch.testing.assert_close(scores.token_logps, exact, atol=1e-6, rtol=0)
+    exact = torch.log_softmax(logits.double()[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(scores.token_logps.double(), exact, atol=1e-5, rtol=0)
+    p = torch.softmax(logits.double()[:, :-1], -1)
+    log_p = torch.log_softmax(logits.double()[:, :-1], -1)
+    others = (p * log_p).sum(-1) - p.gather(-1, ids[:, 1:, None]).squeeze(-1) * exact
+    torch.testing.assert_close(scores.others.double(), others, atol=1e-5, rtol=0)
 
 
 def test_gradient_of_observed_logp_is_onehot_minus_p():
