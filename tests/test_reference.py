@@ -92,7 +92,11 @@ def test_bf16_reference_keeps_fp32_logps(store, tiny_model_cfg):
     fp32 = reference.load_reference(reference.run(stage_cfg(tiny_model_cfg), upstream, root))
     assert scored.logps["chosen"].dtype == torch.float32
     assert not torch.equal(scored.logps["chosen"], fp32.logps["chosen"])  # autocast really ran
-    torch.testing.assert_close(scored.seq_logps("chosen"), fp32.seq_logps("chosen"), atol=0.5, rtol=0.05)
+    # Measured on this model: at most 1.1e-3 nats per token and 3.4e-3 per sequence apart (bf16 body, fp32
+    # head and log-softmax). A bf16 log-softmax alone would be ~2e-2 per token off.
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(scored.logps[side], fp32.logps[side], atol=5e-3, rtol=0)
+        torch.testing.assert_close(scored.seq_logps(side), fp32.seq_logps(side), atol=2e-2, rtol=0)
 
 
 def test_scored_pairs_save_load_select(store, tmp_path):
