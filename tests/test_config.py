@@ -94,8 +94,26 @@ def test_every_sweep_job_composes_without_new_keys(sweep):
 
 
 def test_default_sweep_compares_dpo_dpop_bnf():
-    methods = sorted(override.split("=")[1] for job in sweep_jobs("default") for override in job)
+    methods = sorted(compose_sweep_job("default", job).method.name for job in sweep_jobs("default"))
     assert methods == ["bnf", "dpo", "dpop"]
+
+
+COMPARISON_SWEEPS = ("default", "smaug_edit_distance", "seeds", "bnf_baselines")
+
+
+@pytest.mark.parametrize("sweep", COMPARISON_SWEEPS)
+def test_method_comparisons_change_one_thing(sweep):
+    """DPO and DPOP jobs of a comparison differ only in the penalty: same beta, and every other key equal."""
+    jobs = [compose_sweep_job(sweep, overrides) for overrides in sweep_jobs(sweep)]
+    by_method: dict[str, list] = {}
+    for job in jobs:
+        by_method.setdefault(job.method.loss, []).append(job)
+    assert {"dpo", "dpop"} <= set(by_method)
+    for dpo, dpop in zip(by_method["dpo"], by_method["dpop"]):
+        assert float(dpo.method.beta) == float(dpop.method.beta) == 0.3
+        strip = lambda job: {k: v for k, v in OmegaConf.to_container(job, resolve=False).items()  # noqa: E731
+                             if k not in ("hydra", "method")}
+        assert strip(dpo) == strip(dpop)
 
 
 def test_beta_lambda_sweep_matches_smaug_figure_3():
