@@ -14,6 +14,8 @@ to rejected, NaN score) are skipped and counted by reason.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -105,7 +107,11 @@ def read_parquet(path: Path) -> list[dict[str, Any]]:
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
     import pandas as pd
-    read_text(path)  # names non-UTF-8 files the same way as the other formats
+    text = read_text(path)  # names non-UTF-8 files the same way as the other formats
+    header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # pandas would silently rename the second one ("x.1") and read the first
+        raise UserError(f"{path}: column(s) {repeated} appear more than once in the header; expected unique column names")
     try:
         frame = pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
     except Exception as error:

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from pipeline.errors import UserError
+
 MANIFEST = "manifest.json"
 KEY_LENGTH = 12
 TRACKED_LIBRARIES = (
@@ -136,7 +138,12 @@ def build(
             shutil.rmtree(workdir)
         workdir.mkdir(exist_ok=True)
         started = time.time()
-        extra = compute(workdir) or {}
+        try:
+            extra = compute(workdir) or {}
+        except UserError:
+            if not resumable:  # a user mistake: nothing worth keeping, and no empty .partial left behind
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
         manifest = {
             "stage": stage,
             "key": key,

@@ -235,7 +235,8 @@ def check_eval_config(cfg: DictConfig) -> None:
         if not (isinstance(value, int) and value > 0):
             raise UserError(f"eval.{key}={value!r}: expected an integer > 0")
     limit = eval_cfg.get("limit")
-    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+    whole = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if limit is not None and not (whole or (isinstance(limit, float) and 0 < limit < 1)):
         raise UserError(f"eval.limit={limit!r}: expected null, a count > 0, or a fraction in (0, 1)")
     if suite == "none":
         return

@@ -74,6 +74,7 @@ class Run:
         self.run_dir = Path(run_dir)
         self.main = is_main_process()
         self.artifacts: dict[str, Artifact] = {}
+        self.claimed = False  # run.json is ours once the first save has set aside any older record
         self.record: dict[str, Any] = {
             "sweep_name": cfg.sweep_name,
             "method": OmegaConf.select(cfg, "method.name"),
@@ -105,7 +106,16 @@ class Run:
         if not self.main:  # one writer of run.json per run
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RUN_RECORD).write_text(json.dumps(self.record, indent=2, default=str))
+        path = self.run_dir / RUN_RECORD
+        if not self.claimed:  # a record this run did not write (a reused hydra.run.dir): keep it beside ours
+            if path.exists():
+                kept = path.with_name(f"run.{time.strftime('%Y%m%d-%H%M%S', time.gmtime(path.stat().st_mtime))}-{os.getpid()}.json")
+                os.replace(path, kept)
+                print(f"[run] {path} existed; kept as {kept.name}", flush=True)
+            self.claimed = True
+        temporary = path.with_name(f".{RUN_RECORD}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.record, indent=2, default=str))
+        os.replace(temporary, path)  # a reader never sees half a record
 
     def execute(self) -> dict[str, Any]:
         try:

@@ -76,8 +76,25 @@ def mirror_to_tracker(config: DictConfig, report_dir: Path) -> None:
             tracker.log_table(f"tables/{table.stem}", pd.read_csv(table))
 
 
+def check_names_or_exit(config: DictConfig) -> None:
+    from pipeline.validate import check_path_names
+    try:
+        check_path_names(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 class SweepSummary(Callback):
     """Hydra callback (see conf/config.yaml `hydra.callbacks`)."""
+
+    # Hydra creates the run / sweep folder right after these hooks: names that become paths are checked
+    # here, so `sweep_name=../../x` stops with one line before anything is written outside runs/.
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_names_or_exit(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_names_or_exit(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

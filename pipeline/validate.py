@@ -6,6 +6,9 @@ next to the group it guards; ``validate`` runs all of them.
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -32,32 +35,75 @@ def select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, string, inf or nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def positive(key: str) -> Callable[[DictConfig], None]:
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise UserError(f"{key}={value!r}: expected a number > 0")
+        if value is not None and not (is_number(value) and value > 0):
+            raise UserError(f"{key}={value!r}: expected a finite number > 0")
     return check
 
 
 def non_negative(key: str) -> Callable[[DictConfig], None]:
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise UserError(f"{key}={value!r}: expected a number >= 0")
+        if value is not None and not (is_number(value) and value >= 0):
+            raise UserError(f"{key}={value!r}: expected a finite number >= 0")
     return check
 
 
 def fraction(key: str) -> Callable[[DictConfig], None]:
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
-        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        if value is not None and not (is_number(value) and 0 <= value <= 1):
             raise UserError(f"{key}={value!r}: expected a number between 0 and 1")
     return check
 
 
+def integer(key: str, minimum: int) -> Callable[[DictConfig], None]:
+    """A whole number >= ``minimum`` (null allowed: the key's comment says what null means)."""
+    def check(cfg: DictConfig) -> None:
+        value = select(cfg, key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise UserError(f"{key}={value!r}: expected a whole number >= {minimum}")
+    return check
+
+
+# Names that become folder names (runs/<sweep_name>/...): one path component, no way out of runs/.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_path_names(cfg: DictConfig) -> None:
+    name = select(cfg, "sweep_name")
+    if name is not None and (not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name):
+        raise UserError(f"sweep_name={name!r}: expected a plain folder name (letters, digits, '.', '_', '-'; "
+                        "no '/', '..' or absolute path), e.g. sweep_name=my_sweep")
+
+
+def check_artifacts_dir(cfg: DictConfig) -> None:
+    """The store's folder must be creatable: no existing file on its path, and writable where it exists."""
+    value = select(cfg, "artifacts_dir")
+    if value is None:
+        raise UserError("artifacts_dir: required (a folder for the artifact store), e.g. artifacts_dir=artifacts")
+    path = os.path.abspath(os.path.expanduser(str(value)))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"artifacts_dir={value}: {existing} is a file; expected a folder (or a path that can be created)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"artifacts_dir={value}: {existing} is not writable")
+
+
 CHECKS: list[Callable[[DictConfig], None]] = [
     check_missing,
+    check_path_names,
+    check_artifacts_dir,
+    integer("seed", 0),
     check_stages,
     fraction("data.max_bad_fraction"),
     fraction("pairing.test_fraction"),
@@ -68,7 +114,7 @@ def half_open_fraction(key: str) -> Callable[[DictConfig], None]:
     """Value in [0, 0.5): a label-flip rate (robust DPO divides by 1 - 2 epsilon)."""
     def check(cfg: DictConfig) -> None:
         value = select(cfg, key)
-        if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 0.5):
+        if value is not None and not (is_number(value) and 0 <= value < 0.5):
             raise UserError(f"{key}={value!r}: expected a number in [0, 0.5)")
     return check
 
@@ -136,29 +182,29 @@ def check_train_lengths(cfg: DictConfig) -> None:
 
 def check_train_adam(cfg: DictConfig) -> None:
     betas = select(cfg, "train.adam_betas")
-    if betas is not None and not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+    if betas is not None and not (len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise UserError(f"train.adam_betas={list(betas)!r}: expected two numbers in [0, 1), e.g. [0.9,0.999]")
     ratio = select(cfg, "train.warmup_ratio")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+    if ratio is not None and not (is_number(ratio) and 0 <= ratio < 1):
         raise UserError(f"train.warmup_ratio={ratio!r}: expected a number in [0, 1)")
 
 
 CHECKS += [
     positive("train.lr"),
-    positive("train.max_steps"),  # null means "use train.epochs"
+    integer("train.max_steps", 1),  # null means "use train.epochs"
     positive("train.epochs"),
-    positive("train.batch_size"),
-    positive("train.grad_accumulation"),
-    positive("train.max_length"),
-    positive("train.max_prompt_length"),
+    integer("train.batch_size", 1),
+    integer("train.grad_accumulation", 1),
+    integer("train.max_length", 1),
+    integer("train.max_prompt_length", 1),
     positive("train.max_grad_norm"),  # null disables clipping
     positive("train.adam_eps"),
-    positive("train.probe_every"),
-    positive("train.probe_batch_size"),
-    positive("train.reference_batch_size"),
+    integer("train.probe_every", 1),
+    integer("train.probe_batch_size", 1),
+    integer("train.reference_batch_size", 1),
     non_negative("train.weight_decay"),
-    non_negative("train.probe_pairs"),
-    non_negative("train.checkpoint_every"),  # 0 = no checkpoints
+    integer("train.probe_pairs", 0),
+    integer("train.checkpoint_every", 0),  # 0 = no checkpoints
     check_train_choices,
     check_train_lengths,
     check_train_adam,
@@ -184,28 +230,30 @@ CHECKS += [check_model]
 def check_data_and_pairing(cfg: DictConfig) -> None:
     from pipeline.adapters import SCHEMAS, STRATEGIES  # lazy: keeps `validate` import light
     from pipeline.distance import UNITS
-    import os
     source = select(cfg, "data.source")
     if source is not None and source not in ("synthetic", "local", "hub"):
         raise UserError(f"data.source={source!r}: expected synthetic, local or hub")
     if source == "hub" and not select(cfg, "data.hub_id"):
         raise UserError("data.hub_id: required for data.source=hub (e.g. data.hub_id=Anthropic/hh-rlhf)")
     path = select(cfg, "data.path")
-    if source == "local" and path not in (None, "???") and not os.path.isfile(os.path.expanduser(str(path))):
-        raise UserError(f"data.path={path}: file not found (expected a JSONL, JSON, Parquet or CSV file)")
+    if source == "local" and path not in (None, "???"):
+        if os.path.isdir(os.path.expanduser(str(path))):
+            raise UserError(f"data.path={path}: is a directory; expected a JSONL, JSON, Parquet or CSV file")
+        if not os.path.isfile(os.path.expanduser(str(path))):
+            raise UserError(f"data.path={path}: file not found (expected a JSONL, JSON, Parquet or CSV file)")
     one_of("data.schema", ("auto", *SCHEMAS))(cfg)
     one_of("data.multi_completion_strategy", STRATEGIES)(cfg)
     mix = select(cfg, "data.kind_mix")
     if mix is not None:
         unknown = sorted(set(mix) - {"corrupt_step", "wrong_solution", "mc_distractor"})
         weights = [mix[k] for k in mix]
-        if unknown or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0:
+        if unknown or not all(is_number(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"data.kind_mix={dict(mix)}: expected weights >= 0 (sum > 0) for corrupt_step, wrong_solution, mc_distractor")
     one_of("pairing.unit", UNITS)(cfg)
     edges = select(cfg, "pairing.bucket_edges")
     if edges is not None:
         edges = list(edges)
-        if len(edges) < 2 or not all(isinstance(e, (int, float)) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        if len(edges) < 2 or not all(is_number(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
             raise UserError(f"pairing.bucket_edges={edges}: expected at least two strictly increasing numbers")
         labels = select(cfg, "pairing.bucket_labels")
         names = list(labels) if labels is not None else (["low", "high"] if len(edges) == 3 else [f"b{i}" for i in range(len(edges) - 1)])
@@ -220,10 +268,11 @@ def check_data_and_pairing(cfg: DictConfig) -> None:
 
 CHECKS += [
     check_data_and_pairing,
-    positive("data.num_problems"),
-    non_negative("data.num_eval_items"),
+    integer("data.num_problems", 1),
+    integer("data.num_eval_items", 0),
+    integer("data.seed", 0),
     non_negative("data.min_score_gap"),
-    positive("data.limit"),  # null = all rows
+    integer("data.limit", 1),  # null = all rows
 ]
 
 
