@@ -209,6 +209,9 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         prompts = render_prompts([p["raw_prompt"] for p in pairs], [p["messages"] for p in pairs], tokenizer,
                                  bool(pairing.apply_chat_template))
         frame, duplicates = build_pairs_frame(pairs, prompts, str(data.name), float(pairing.test_fraction))
+        if duplicates:
+            print(f"[pair] {duplicates} duplicate pair(s) dropped (same prompt, chosen and rejected as an earlier row); "
+                  f"{len(frame)} pairs kept", flush=True)
         tokenize = hf_tokenize(tokenizer) if tokenizer is not None else fallback_tokenize
         edges_cfg = OmegaConf.to_container(pairing.bucket_edges) if pairing.bucket_edges is not None else None
         labels_cfg = OmegaConf.to_container(pairing.bucket_labels) if pairing.bucket_labels is not None else None

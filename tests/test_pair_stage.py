@@ -161,7 +161,7 @@ def test_quantile_buckets_with_labels(make_config):
                  "pairing.unit=token_distance", "pairing.bucket_labels=[near,mid,far]")
 
 
-def test_local_file_with_skipped_duplicate_and_bad_rows(make_config, tmp_path):
+def test_local_file_with_skipped_duplicate_and_bad_rows(make_config, tmp_path, capsys):
     rows = [{"prompt": f"q{i}", "chosen": f"answer {i}", "rejected": f"wrong {i}"} for i in range(200)]
     rows += [rows[0], {"prompt": "q", "chosen": "same", "rejected": "same"}]
     path = tmp_path / "prefs.jsonl"
@@ -169,6 +169,7 @@ def test_local_file_with_skipped_duplicate_and_bad_rows(make_config, tmp_path):
     art = run_pair(make_config, "data=local", f"data.path={path}")
     stats = json.loads((art.path / "stats.json").read_text())
     assert (stats["rows_read"], stats["pairs_kept"], stats["duplicates_removed"]) == (202, 200, 1)
+    assert "[pair] 1 duplicate pair(s) dropped" in capsys.readouterr().out
     assert stats["skipped"] == {"chosen_equals_rejected": 1} and stats["schema"] == "prompt_chosen_rejected"
     # The file's content, not its path, is in the key.
     moved = tmp_path / "moved.jsonl"
