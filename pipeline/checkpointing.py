@@ -96,10 +96,28 @@ def remove_checkpoints(workdir: Path) -> None:
     shutil.rmtree(Path(workdir) / CHECKPOINT_DIR, ignore_errors=True)
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only the rows of a per-step JSONL log whose ``step`` is at most ``last_step``."""
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep only the rows of a per-step JSONL log whose ``step`` is at most ``last_step``; returns the rows kept.
+
+    Rewritten through a temporary file and ``os.replace``: a kill at any moment leaves either the old
+    file or the new one, never an empty or half-written log. A torn last line (a kill mid-append) is
+    dropped with a note; the rows after the checkpoint are recomputed anyway.
+    """
     path = Path(path)
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return 0
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"[train] {path.name} line {number}: incomplete row (interrupted write) dropped on resume", flush=True)
+            continue
+        if row["step"] <= last_step:
+            kept.append(line)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
+    return len(kept)
