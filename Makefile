@@ -46,10 +46,10 @@ test-slow: install ## Run the slow tests (SmolLM2, longer integration)
 	$(PY) -m pytest -m "slow" -q
 
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
-	$(PY) -m pipeline --multirun --config-dir sweeps --config-name $(SWEEP) $(ARGS)
+	$(PY) -m pipeline sweep=$(SWEEP) $(ARGS)
 
 smoke: install ## The whole chain on the tiny model (about a minute)
-	$(PY) -m pipeline --multirun --config-dir sweeps --config-name smoke $(ARGS)
+	$(PY) -m pipeline sweep=smoke $(ARGS)
 
 figures: install ## Regenerate figures, tables and report from artifacts: make figures SWEEP_DIR=runs/default/<time>
 	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make figures SWEEP_DIR=runs/default/2026-01-01_12-00-00"; exit 2; }

@@ -1,4 +1,6 @@
-"""Entry point: ``python -m pipeline [overrides]`` (a Hydra app; ``-m`` for multirun)."""
+"""Entry point: ``python -m pipeline [overrides]`` (a Hydra app; ``-m`` for multirun).
+
+``--help`` and ``sweep=<name>`` are handled first by pipeline/cli.py."""
 
 from __future__ import annotations
 
@@ -41,5 +43,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    from pipeline import cli
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(cli.help_text())
+        return
+    try:
+        sys.argv = cli.rewrite_argv(sys.argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    entry()
