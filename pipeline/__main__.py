@@ -7,9 +7,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.environment import apply_offline_defaults
+from pipeline.environment import apply_run_defaults
 
-apply_offline_defaults(Path.cwd() / ".cache")
+apply_run_defaults(Path.cwd() / ".cache")
 
 import hydra  # noqa: E402  (the environment must be set before HF/W&B imports)
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

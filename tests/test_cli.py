@@ -57,3 +57,16 @@ def test_named_sweep_runs_without_config_dir(tmp_path):
     (sweep_dir,) = (tmp_path / "runs" / "named").iterdir()
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert sorted(summary.method) == ["bnf", "dpo"] and list(summary.status) == ["ok", "ok"]  # the smoke grid
+
+
+def test_entry_point_leaves_the_hugging_face_environment_alone(tmp_path):
+    """The user's HF cache and hub settings are theirs: importing the entry point sets none of them."""
+    probe = ("import os, pipeline.__main__; "
+             "print(os.environ.get('HF_HOME'), os.environ.get('HF_HUB_OFFLINE'), os.environ.get('WANDB_MODE'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    bare = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert bare.stdout.split() == ["None", "None", "offline"], bare.stderr
+    mine = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**env, "HF_HOME": "/my/hf", "WANDB_MODE": "online"},
+                          capture_output=True, text=True, timeout=60)
+    assert mine.stdout.split() == ["/my/hf", "None", "online"], mine.stderr

@@ -81,7 +81,9 @@ def test_load_causal_lm_trainable_with_checkpointing_and_lora(tiny_model_artifac
 
 
 def test_source_resolution(monkeypatch):
-    cfg = model_cfg("smollm2_135m")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert models.config_subset(model_cfg("smollm2_135m"))["source"]["kind"] == "gguf"  # the default, online or not
+    cfg = model_cfg("smollm2_135m", source="auto")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline = models.config_subset(cfg)
     assert offline["source"]["kind"] == "gguf" and offline["source"]["file"].endswith(".gguf")
