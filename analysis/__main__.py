@@ -23,7 +23,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report)
+    look_at(report.with_name("report.html"))
     return 0
+
+
+def look_at(page) -> None:
+    """Render the page in headless Chromium when it is installed: a screenshot, and a word on broken images."""
+    from analysis.browser import check_report, find_browser
+    if find_browser() is None or not page.is_file():
+        return
+    seen = check_report(page)
+    broken = [src for src, ok in seen["images"].items() if not ok]
+    print(f"[report] rendered in Chromium: {len(seen['images']) - len(broken)} of {len(seen['images'])} figures loaded, "
+          f"{seen['tables']} tables; screenshot {seen['screenshot']}" + (f"; BROKEN: {broken}" if broken else ""))
 
 
 if __name__ == "__main__":

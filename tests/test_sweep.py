@@ -84,3 +84,23 @@ def test_submitit_local_launcher_runs_a_job(workdir):
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert list(summary.status) == ["ok", "ok"]
     assert summary.pair_key.nunique() == 2  # the seed is part of the pairing key
+
+
+def test_report_renders_in_a_real_browser(workdir, first_sweep):
+    """report.html in headless Chromium: every figure loads, the tables are there, a screenshot is kept."""
+    from analysis.browser import check_report, find_browser
+    if find_browser() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
+    (sweep_dir,) = sweep_dirs(workdir, "two")
+    report = sweep_dir / "report" / "report.html"
+    figures = sorted(p.name for p in (sweep_dir / "report" / "figures").glob("*.png"))
+    seen = check_report(report)
+    assert sorted(Path(src).name for src in seen["images"]) == figures and all(seen["images"].values())
+    assert seen["tables"] >= 3
+    assert seen["screenshot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and seen["screenshot"].parent == report.parent
+    moved = sweep_dir / "report" / "figures" / figures[0]
+    moved.rename(moved.with_suffix(".bak"))  # a figure the page names but cannot load
+    try:
+        assert check_report(report)["images"][f"figures/{figures[0]}"] is False
+    finally:
+        moved.with_suffix(".bak").rename(moved)
