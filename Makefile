@@ -18,7 +18,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow pytest smoke sweep figures bench clean
+.PHONY: help install test test-slow pytest smoke sweep figures dashboard bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -52,6 +52,10 @@ smoke: install ## The whole chain on the tiny model (about a minute)
 figures: install ## Regenerate figures, tables and report from artifacts: make figures SWEEP_DIR=runs/default/<time>
 	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make figures SWEEP_DIR=runs/default/2026-01-01_12-00-00"; exit 2; }
 	$(PY) -m analysis $(SWEEP_DIR)
+
+dashboard: install ## The sweep's W&B workspace: published when WANDB_MODE=online, else written beside the report
+	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make dashboard SWEEP_DIR=runs/default/2026-01-01_12-00-00.000000"; exit 2; }
+	$(PY) -m pipeline.dashboard $(SWEEP_DIR) --publish
 
 bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md); installs TRL (the bench extra) first
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0" -e ".[dev,bench]"

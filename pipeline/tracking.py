@@ -94,8 +94,23 @@ def flat_run_config(cfg: DictConfig) -> dict[str, Any]:
     return full
 
 
-def start_run(cfg: DictConfig, job_type: str, name: str | None = None) -> Tracker:
-    """Open a tracker for one stage of one run (``job_type`` = the stage name)."""
+def run_name(cfg: DictConfig, stage: str) -> str:
+    """``<stage>-<method>[-b<beta>][-l<lambda>][-<bucket>]-s<seed>``: the settings sweeps vary, readable in the UI."""
+    parts = [stage, str(OmegaConf.select(cfg, "method.name"))]
+    for prefix, key in (("b", "method.beta"), ("l", "method.lambda_"), ("", "pairing.bucket_filter")):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            parts.append(f"{prefix}{value}")
+    parts.append(f"s{OmegaConf.select(cfg, 'seed')}")
+    return "-".join(parts)
+
+
+def start_run(cfg: DictConfig, job_type: str, name: str | None = None, run_id: str | None = None) -> Tracker:
+    """Open a tracker for one stage of one run (``job_type`` = the stage name).
+
+    ``run_id`` (e.g. derived from the artifact key) makes W&B continue that run instead of opening a
+    new one: a resumed training logs into the run it started.
+    """
     logger = OmegaConf.select(cfg, "logger.name", default="none")
     if logger in (None, "none"):
         return Tracker()
@@ -112,7 +127,9 @@ def start_run(cfg: DictConfig, job_type: str, name: str | None = None) -> Tracke
         entity=OmegaConf.select(cfg, "logger.entity"),
         group=OmegaConf.select(cfg, "sweep_name"),
         job_type=job_type,
-        name=name,
+        name=name or run_name(cfg, job_type),
+        id=run_id,
+        resume="allow" if run_id else None,
         tags=tags,
         config=flat_run_config(cfg),
         mode=mode,
