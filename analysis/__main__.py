@@ -35,7 +35,8 @@ def look_at(page) -> None:
     seen = check_report(page)
     broken = [src for src, ok in seen["images"].items() if not ok]
     print(f"[report] rendered in Chromium: {len(seen['images']) - len(broken)} of {len(seen['images'])} figures loaded, "
-          f"{seen['tables']} tables; screenshot {seen['screenshot']}" + (f"; BROKEN: {broken}" if broken else ""))
+          f"{seen['tables']} tables; screenshot {seen['screenshot']}" + (f"; BROKEN: {broken}" if broken else ""),
+          file=sys.stderr)  # stdout stays the report's path alone
 
 
 if __name__ == "__main__":

@@ -75,8 +75,7 @@ def shared_overrides(args) -> list[str]:
             "train.precision=fp32", f"train.max_length={args.max_length}",
             f"train.max_prompt_length={args.max_length // 2}", f"train.batch_size={args.batch}",
             f"train.max_steps={args.steps}", f"train.lr={args.lr}", "train.warmup_ratio=0", "train.schedule=linear",
-            "train.max_grad_norm=1.0", "train.probe_pairs=0", "train.checkpoint_every=0", "train.progress=false",
-            f"train.reference_batch_size={args.batch}", "logger=none"]
+            "train.max_grad_norm=1.0", "train.probe_pairs=0", "train.checkpoint_every=0", "train.progress=false", "logger=none"]
 
 
 def prepare_inputs(args, tmp: Path):

@@ -57,8 +57,7 @@ def common_overrides(args) -> list[str]:
             "method.beta=0.1", "train.precision=fp32", f"train.max_length={args.max_length}",
             f"train.max_prompt_length={args.max_length // 2}", f"train.batch_size={args.batch}",
             "train.max_steps=null", "train.epochs=1", "train.lr=5e-6", "train.warmup_ratio=0", "train.schedule=linear",
-            "train.max_grad_norm=1.0", "train.probe_pairs=0", "train.checkpoint_every=0", "train.progress=false",
-            f"train.reference_batch_size={args.batch}"]
+            "train.max_grad_norm=1.0", "train.probe_pairs=0", "train.checkpoint_every=0", "train.progress=false"]
 
 
 def fresh_store(base: Path, tmp: Path, keep: tuple[str, ...]) -> Path:

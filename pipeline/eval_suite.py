@@ -230,7 +230,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     suite = eval_cfg.get("suite")
     if suite not in ("local", "hub", "none"):
         raise UserError(f"eval.suite={suite!r}: expected one of ['local', 'hub', 'none']")
-    for key in ("batch_size", "preference_batch_size"):
+    for key in ("batch_size",):
         value = eval_cfg.get(key)
         if not (isinstance(value, int) and value > 0):
             raise UserError(f"eval.{key}={value!r}: expected an integer > 0")

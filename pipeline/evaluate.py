@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import Artifact, build
 from pipeline.errors import UserError
+from pipeline.precision import resolve_precision
 
 VERSION = 1
 STAGE = "evaluate"
@@ -192,7 +193,7 @@ def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, refere
     else:
         scoring = scoring_settings(cfg)
         policy_scored = score_pairs(model, tokenizer, test_pairs, scoring["max_length"], scoring["max_prompt_length"],
-                                    int(cfg.eval.preference_batch_size), precision=scoring["precision"],
+                                    precision=scoring["precision"],
                                     desc="policy log-probs (test pairs)")
     table = pair_table(policy_scored, reference_scored, test_pairs)
     summary = summarise(table)
@@ -204,7 +205,7 @@ def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, refere
 def scoring_settings(cfg: DictConfig) -> dict[str, Any]:
     # The truncation and autocast the reference scores were computed with, so policy and reference align.
     return {"max_length": int(cfg.train.max_length), "max_prompt_length": int(cfg.train.max_prompt_length),
-            "precision": str(cfg.train.precision)}
+            "precision": resolve_precision(cfg.train.precision)}
 
 
 def _json_number(value: Any) -> Any:

@@ -229,19 +229,37 @@ def keep_output_head_fp32(model) -> None:
     head.forward = forward
 
 
+def lora_enabled(model_cfg: DictConfig) -> bool:
+    lora = model_cfg.get("lora")
+    return bool(lora is not None and lora.get("enabled"))
+
+
+def policy_dtype(model_cfg: DictConfig) -> str:
+    """The dtype the policy's weights train in: fp32 master weights whenever the full model trains.
+
+    Plain AdamW on bf16 weights rounds almost every update away (an update of lr ~ 5e-7 is far below
+    bf16's 3 significant digits), so ``model.dtype`` bf16/fp16 only sets how a frozen model loads:
+    the base under LoRA (whose adapters are fp32) and evaluation. The forward still runs in bf16 under
+    ``train.precision`` autocast. The reference stage loads the same way, so step 0 matches it exactly.
+    """
+    return str(model_cfg.dtype) if lora_enabled(model_cfg) else "fp32"
+
+
 def load_causal_lm(target: Artifact | str | Path, model_cfg: DictConfig, dtype: str | torch.dtype | None = None,
                    trainable: bool = False):
     """Load the causal LM from safetensors.
 
     ``trainable=False``: eval mode, gradients off (a frozen reference). ``trainable=True``: train
-    mode, gradient checkpointing when ``model.gradient_checkpointing``, LoRA adapters when
-    ``model.lora.enabled`` (then the reference is the same model under ``model.disable_adapter()``).
+    mode, weights in ``policy_dtype`` (fp32 master weights for full fine-tuning), gradient
+    checkpointing when ``model.gradient_checkpointing``, LoRA adapters when ``model.lora.enabled``.
     """
     from transformers import AutoModelForCausalLM
     location, revision = _location_and_revision(target)
+    if dtype is None:
+        dtype = policy_dtype(model_cfg) if trainable else model_cfg.dtype
     with quiet_hf_progress():
         model = AutoModelForCausalLM.from_pretrained(
-            location, revision=revision, dtype=torch_dtype(dtype if dtype is not None else model_cfg.dtype),
+            location, revision=revision, dtype=torch_dtype(dtype),
             trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True)
     keep_output_head_fp32(model)
     if not trainable:
@@ -256,7 +274,7 @@ def load_causal_lm(target: Artifact | str | Path, model_cfg: DictConfig, dtype: 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = model_cfg.get("lora")
-    if lora is not None and lora.enabled:
+    if lora_enabled(model_cfg):
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
             r=int(lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),

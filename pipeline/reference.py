@@ -3,11 +3,14 @@
 Its key holds the model artifact, a hash of the scored text (each row's pair_id, which hashes prompt,
 chosen and rejected, and the rendered prompt) rather than the pair artifact's key — so pairings that
 differ only in bucket edges or unit share one reference — plus only what changes the numbers: the tokenisation
-budget (``train.max_length``, ``train.max_prompt_length``), the forward precision
-(``train.precision``: bf16 autocast or fp32, as the trainer's forward, so policy and reference agree
-at step 0) and the weights' loading dtype (``model.dtype``). Method, beta, seed and batch size are
-not in it, so every method, beta and seed of a sweep reuses one artifact; the manifest's
-``sequences_scored`` shows how many sequences went through the model, once.
+budget (``train.max_length``, ``train.max_prompt_length``), the resolved forward precision
+(``train.precision``: bf16 autocast or fp32, as the trainer's forward) and the dtype the weights load
+in (``models.policy_dtype``: what the policy trains from). Each pair is scored alone
+(``scoring.pair_forward``), exactly as the trainer's forward sees it, so at step 0 the policy
+reproduces these log-probs bit for bit: the DPO loss is exactly log 2 and DPOP's penalty is exactly
+off. Method, beta, seed and batch size are not in the key, so every method, beta and seed of a sweep
+reuses one artifact; the manifest's ``sequences_scored`` shows how many sequences went through the
+model, once.
 
 Artifact: ``reference.safetensors`` (``pipeline.scoring.ScoredPairs``: ragged fp32 per-token
 log-probs, observed-token logits and token ids of chosen and rejected, train AND test split; the
@@ -28,7 +31,7 @@ from pipeline.artifacts import Artifact, build
 from pipeline.batching import check_token_budget
 from pipeline.scoring import ScoredPairs, score_pairs
 
-VERSION = 2  # 2: keyed by the scored text, not the pair artifact
+VERSION = 3  # 3: pairs scored one at a time (the trainer's layout); 2: keyed by the scored text
 STAGE = "reference"
 SCORES_FILE = "reference.safetensors"
 PAIRS_FILE = "pairs.parquet"  # written by the pair stage
@@ -36,12 +39,14 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
+    from pipeline.models import policy_dtype
+    from pipeline.precision import resolve_precision
     check_token_budget(cfg.train.max_length, cfg.train.max_prompt_length)
     return {
         "max_length": int(cfg.train.max_length),
         "max_prompt_length": int(cfg.train.max_prompt_length),
-        "precision": str(cfg.train.precision),
-        "model_dtype": str(cfg.model.dtype),
+        "precision": resolve_precision(cfg.train.precision),
+        "weights_dtype": policy_dtype(cfg.model),  # as the policy loads them, so step 0 reproduces these scores
     }
 
 
@@ -59,10 +64,9 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
 
     def compute(workdir: Path) -> dict[str, Any]:
         tokenizer = load_tokenizer(inputs["model"], trust_remote_code=bool(cfg.model.trust_remote_code))
-        model = load_causal_lm(inputs["model"], cfg.model, trainable=False).to(device())
+        model = load_causal_lm(inputs["model"], cfg.model, dtype=subset["weights_dtype"]).to(device())
         scored = score_pairs(model, tokenizer, pairs, subset["max_length"], subset["max_prompt_length"],
-                             int(cfg.train.reference_batch_size), precision=subset["precision"],
-                             desc="reference log-probs")
+                             precision=subset["precision"], desc="reference log-probs")
         scored.save(workdir / SCORES_FILE)
         return {"pairs": len(scored), "sequences_scored": 2 * len(scored), "first_pair_artifact": pair.key,
                 **token_stats(scored, tokenizer.eos_token_id)}

@@ -151,48 +151,50 @@ def response_logits(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Te
     return logits, batch["input_ids"][:, keep_from:], batch["response_mask"][:, keep_from:]
 
 
+def pair_forward(model, encoding: PairEncoding, pad_id: int, device: torch.device, with_others: bool = False):
+    """One pair's forward: rows [chosen, rejected] padded to the pair's longer one; ``TokenScores`` of both.
+
+    The layout depends on the pair alone, never on which other pairs share a batch: the reference
+    stage, the trainer, probes and evaluation all score a pair through this function, so the policy's
+    first forward reproduces the reference log-probs bit for bit (in any precision), and no token is
+    computed for padding longer than the pair itself.
+    """
+    batch = {k: v.to(device) for k, v in collate([encoding], pad_id).items()}
+    logits, input_ids, response_mask = response_logits(model, batch)
+    return score_tokens(logits, input_ids, response_mask, with_others=with_others), input_ids
+
+
 @torch.no_grad()
-def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, batch_size: int, pair_ids: Sequence[Any],
+def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, pair_ids: Sequence[Any],
                     with_logits: bool = True, precision: str = "fp32", progress: bool = True,
                     desc: str = "scoring pairs") -> ScoredPairs:
-    """Forward chosen and rejected of each batch in one pass; batches are length-sorted to cut padding."""
+    """Score each pair with ``pair_forward`` (chosen and rejected in one forward)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    order = sorted(range(len(encodings)), key=lambda i: -max(len(encodings[i].chosen_ids), len(encodings[i].rejected_ids)))
-    results: dict[int, dict[str, tuple]] = {}
-    bar = tqdm(total=len(encodings), desc=desc, unit="pair", disable=not progress)
+    rows: dict[str, list[tuple]] = {side: [] for side in SIDES}
     try:
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin: begin + batch_size]
-            batch = {k: v.to(device) for k, v in collate([encodings[i] for i in rows], pad_id).items()}
+        for encoding in tqdm(encodings, desc=desc, unit="pair", disable=not progress):
             with autocast_context(device, precision):
-                logits, input_ids, response_mask = response_logits(model, batch)
-            scores = score_tokens(logits, input_ids, response_mask)
+                scores, input_ids = pair_forward(model, encoding, pad_id, device)
             keep = scores.mask.bool().cpu()
             token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), input_ids[:, 1:].cpu()
-            for j, row in enumerate(rows):
-                results[row] = {}
-                for s, side in enumerate(SIDES):
-                    k = j + s * len(rows)
-                    results[row][side] = (token_logps[k][keep[k]], targets[k][keep[k]],
-                                          observed[k][keep[k]] if with_logits else None)
-            bar.update(len(rows))
+            for k, side in enumerate(SIDES):
+                rows[side].append((token_logps[k][keep[k]], targets[k][keep[k]],
+                                   observed[k][keep[k]] if with_logits else None))
     finally:
-        bar.close()
         model.train(was_training)
-    ordered = {side: [results[i][side] for i in range(len(encodings))] for side in SIDES}
-    return _from_rows(list(pair_ids), ordered, with_logits)
+    return _from_rows(list(pair_ids), rows, with_logits)
 
 
-def score_pairs(model, tokenizer, pairs_df, max_length: int, max_prompt_length: int, batch_size: int,
+def score_pairs(model, tokenizer, pairs_df, max_length: int, max_prompt_length: int,
                 with_logits: bool = True, precision: str = "fp32", progress: bool = True,
                 desc: str = "scoring pairs") -> ScoredPairs:
     """Score every row of ``pairs_df`` (columns pair_id, prompt, chosen, rejected) under ``model``."""
     encodings = encode_pairs(tokenizer, list(pairs_df["prompt"]), list(pairs_df["chosen"]), list(pairs_df["rejected"]),
                              int(max_length), int(max_prompt_length))
     pair_ids = [_plain(v) for v in pairs_df["pair_id"]]
-    return score_encodings(model, encodings, tokenizer.pad_token_id, int(batch_size), pair_ids,
+    return score_encodings(model, encodings, tokenizer.pad_token_id, pair_ids,
                            with_logits=with_logits, precision=precision, progress=progress, desc=desc)
 
 

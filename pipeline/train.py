@@ -41,14 +41,15 @@ from pipeline.artifacts import Artifact, build, build_collective
 from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
                                     truncate_jsonl)
 from pipeline.errors import UserError
-from pipeline.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer,
+from pipeline.precision import resolve_precision
+from pipeline.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer, disable_dropout,
                                     forward_micro_batch, total_steps)
 
 VERSION = 1
 STAGE = "train"
 UPSTREAM = ("model", "pair", "reference")
 # Keys of conf/train that change nothing in the artifact (memory, checkpoints, display) or belong to the reference stage.
-OPERATIONAL_KEYS = ("checkpoint_every", "progress", "probe_batch_size", "reference_batch_size")
+OPERATIONAL_KEYS = ("checkpoint_every", "progress")
 # Test-only hook: raise after this many steps (after that step's checkpoint) to simulate a crash.
 CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
 METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
@@ -75,16 +76,17 @@ def bucket_filter(cfg: DictConfig) -> list[str] | None:
 
 
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
+    from pipeline.models import lora_enabled, policy_dtype
     train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL_KEYS}
-    lora = OmegaConf.select(cfg, "model.lora", default=None)
+    train["precision"] = resolve_precision(train["precision"])  # what ran, not "auto"
     return {
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "train": train,
         "seed": int(cfg.seed),
         "bucket_filter": bucket_filter(cfg),
         # How the model is trained (the model artifact's key covers only its weights).
-        "model_use": {"dtype": str(OmegaConf.select(cfg, "model.dtype", default="fp32")),
-                      "lora": OmegaConf.to_container(lora, resolve=True) if lora is not None and lora.enabled else None},
+        "model_use": {"weights_dtype": policy_dtype(cfg.model),
+                      "lora": OmegaConf.to_container(cfg.model.lora, resolve=True) if lora_enabled(cfg.model) else None},
     }
 
 
@@ -177,9 +179,11 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     # refuses a second Accelerator with other settings. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=use_cpu(),
-                              mixed_precision="bf16" if str(train_cfg.precision) == "bf16" else "no")
-    model = load_causal_lm(upstream["model"], cfg.model, trainable=True)
+    precision = resolve_precision(train_cfg.precision)
+    accelerator = Accelerator(cpu=use_cpu(), mixed_precision="bf16" if precision == "bf16" else "no")
+    model = load_causal_lm(upstream["model"], cfg.model, trainable=True)  # fp32 master weights (models.policy_dtype)
+    if bool(train_cfg.disable_dropout):
+        disable_dropout(model)
     stream = MicroBatchStream(train_rows, int(train_cfg.batch_size), seed,
                               accelerator.num_processes, accelerator.process_index)
     accumulation = int(train_cfg.grad_accumulation)
@@ -203,7 +207,8 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             metrics_path.write_text("")
             trajectories_path.write_text("")
 
-    tracker = start_run(cfg, job_type=STAGE, name=f"train-{cfg.method.name}-seed{seed}") if main else None
+    # One W&B run per train artifact: a resumed training continues it (the id follows the artifact key).
+    tracker = start_run(cfg, job_type=STAGE, run_id=f"train-{workdir.name.removesuffix('.partial')}") if main else None
     probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main else None
     checkpoint_every = int(train_cfg.checkpoint_every or 0)
     crash_after = int(os.environ[CRASH_HOOK_ENV]) if os.environ.get(CRASH_HOOK_ENV) else None
@@ -214,8 +219,9 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         from accelerate.utils import gather_object
 
         def reduce(values: dict[str, float]) -> dict[str, float]:
-            averaged = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
-            return dict(zip(values, averaged.tolist()))
+            totals = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                                     device=accelerator.device), "sum")
+            return dict(zip(values, totals.tolist()))
 
         def gather(shifts: dict[str, list[float]]) -> list[dict[str, list[float]]]:
             return gather_object([shifts])
@@ -230,16 +236,23 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             step_started = time.time()
             lr = scheduler.get_last_lr()[0]
             collected = StepMetrics(buckets)
-            for micro in range(accumulation):
-                rows = stream.next()
-                batch = {k: v.to(accelerator.device) for k, v in encodings.collate(rows, tokenizer.pad_token_id).items()}
+            chunks = [stream.next_global() for _ in range(accumulation)]
+            # Every pair of the step counts once: a micro-batch's mean loss is scaled by its share of the
+            # step's pairs (x processes, since DDP averages gradients over processes).
+            step_pairs = sum(len(chunk) for chunk in chunks)
+            for micro, chunk in enumerate(chunks):
+                rows = stream.share(chunk)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
                 with sync:
-                    result = forward_micro_batch(model, batch, rows, reference, loss_fn, method_cfg)
+                    result = forward_micro_batch(model, encodings.of(rows), tokenizer.pad_token_id, rows, reference,
+                                                 loss_fn, method_cfg, accelerator.device,
+                                                 quiet=lambda: accelerator.no_sync(model))
                     check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
-                    accelerator.backward(result.output.loss / accumulation)
+                    weight = len(rows) * accelerator.num_processes / step_pairs
+                    accelerator.backward(result.output.loss * weight)
                 collected.add(result, rows)
             grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+            check_finite(accelerator, grad_norm, step + 1, workdir, checkpoint_every, what="gradient norm")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -255,6 +268,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             if checkpoint_every and done % checkpoint_every == 0 and done < steps:
                 accelerator.wait_for_everyone()
                 if main:
+                    require_finite_weights(accelerator.unwrap_model(model), done)
                     save_checkpoint(workdir, step=done, position=stream.position, model=accelerator.unwrap_model(model),
                                     optimizer=optimizer, scheduler=scheduler)
             bar.update(1)
@@ -282,15 +296,24 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             tracker.finish()
 
 
-def check_finite(accelerator, loss: torch.Tensor, step: int, workdir: Path, checkpoint_every: int) -> None:
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
+def check_finite(accelerator, value: torch.Tensor, step: int, workdir: Path, checkpoint_every: int,
+                 what: str = "loss") -> None:
+    """Stop before the optimiser step when the loss or the gradient norm is nan/inf (on any process)."""
+    finite = torch.isfinite(torch.as_tensor(value).detach().float()).float().reshape(1).to(accelerator.device)
     if accelerator.num_processes > 1:
         finite = accelerator.gather(finite)
     if bool(finite.min() < 1):
         state = load_checkpoint(workdir) if checkpoint_every else None
         kept = f"the last good checkpoint (step {state['step']}) is kept in {workdir}" if state else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"train: loss is {float(loss.detach()):.4g} (not finite) at step {step}; {kept}; "
-                               "lower train.lr or check the data")
+        raise TrainingDiverged(f"train: {what} is {float(torch.as_tensor(value).detach()):.4g} (not finite) at step {step}, "
+                               f"before its optimiser step; {kept}; lower train.lr or check the data")
+
+
+def require_finite_weights(model, step: int) -> None:
+    """Never write a checkpoint holding nan/inf weights (it would be resumed as "the last good one")."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(f"train: non-finite weights after step {step} ({bad[0]}, ...); no checkpoint written")
 
 
 def save_final_model(model, tokenizer, directory: Path) -> None:
@@ -310,7 +333,7 @@ class ProbeRecorder:
         self.reference = reference if rows else None  # pair_table matches rows by pair_id
         self.tokenizer, self.path, self.tracker = tokenizer, path, tracker
         self.max_length, self.max_prompt_length = int(cfg.train.max_length), int(cfg.train.max_prompt_length)
-        self.batch_size, self.precision = int(cfg.train.probe_batch_size), str(cfg.train.precision)
+        self.precision = resolve_precision(cfg.train.precision)
 
     def record(self, model, step: int) -> None:
         if self.reference is None:
@@ -322,7 +345,7 @@ class ProbeRecorder:
         model.eval()
         with torch.no_grad():
             scored = score_pairs(model, self.tokenizer, self.pairs, self.max_length, self.max_prompt_length,
-                                 self.batch_size, precision=self.precision, progress=False)
+                                 precision=self.precision, progress=False)
         model.train(was_training)
         table = pair_table(scored, self.reference, self.pairs)
         rows = [{"step": step, **{field: json_value(record[column]) for field, column in TRAJECTORY_COLUMNS.items()}}

@@ -7,6 +7,7 @@ method file's capability flags decide what the loss input carries.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,10 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.batching import collate, encode_pair
-from pipeline.logprobs import score_tokens
-from pipeline.scoring import response_logits
+from pipeline.batching import PairEncoding, encode_pair
 from pipeline.losses import LossInput, LossOutput
+from pipeline.scoring import pair_forward
 
 SIDES = ("chosen", "rejected")
 
@@ -32,7 +32,8 @@ class MicroBatchStream:
     Epoch ``e`` visits the rows in ``permutation(seed, e)``, cut into global micro-batches of
     ``batch_size * num_processes`` pairs; process ``p`` takes every ``num_processes``-th pair of each.
     The order is a pure function of (seed, epoch), so the only state is ``position``, the number of
-    global micro-batches consumed so far, which checkpoints store.
+    global micro-batches consumed so far, which checkpoints store. Every process knows every global
+    micro-batch, so each can weight its share by the step's total pair count.
     """
 
     def __init__(self, rows: Sequence[int], batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
@@ -53,11 +54,19 @@ class MicroBatchStream:
             self._epoch, self._order = epoch, self.rows[generator.permutation(len(self.rows))]
         return self._order
 
-    def next(self) -> list[int]:
+    def next_global(self) -> list[int]:
+        """The next global micro-batch (every process's pairs)."""
         epoch, index = divmod(self.position, self.per_epoch)
         chunk = self.order(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
         self.position += 1
-        return chunk[self.process_index::self.num_processes].tolist()
+        return chunk.tolist()
+
+    def share(self, chunk: Sequence[int]) -> list[int]:
+        """This process's pairs of a global micro-batch."""
+        return list(chunk[self.process_index::self.num_processes])
+
+    def next(self) -> list[int]:
+        return self.share(self.next_global())
 
 
 def total_steps(max_steps: int | None, epochs: float, micro_per_epoch: int, grad_accumulation: int) -> int:
@@ -87,14 +96,44 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"train.schedule={schedule!r}")
 
 
+def warmup_steps(ratio: float, total: int) -> int:
+    """Warm-up steps, rounded UP: 16 steps at ratio 0.1 warm up for 2 (HF's ``ceil(ratio * total)``)."""
+    return math.ceil(float(ratio) * total - 1e-9)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (>= 2-D: linear and embedding weights), none on biases and norm weights."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    return [group for group in ({"params": decay, "weight_decay": weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+
+
 def build_optimizer(model: torch.nn.Module, train_cfg: Any, total: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(train_cfg.lr), betas=tuple(float(b) for b in train_cfg.adam_betas),
-                                  eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
-    warmup = int(float(train_cfg.warmup_ratio) * total)
+    optimizer = torch.optim.AdamW(parameter_groups(model, float(train_cfg.weight_decay)), lr=float(train_cfg.lr),
+                                  betas=tuple(float(b) for b in train_cfg.adam_betas), eps=float(train_cfg.adam_eps))
+    warmup = warmup_steps(float(train_cfg.warmup_ratio), total)
     schedule = str(train_cfg.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, schedule))
     return optimizer, scheduler
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout off everywhere (as TRL's ``disable_dropout``): nn.Dropout modules and attention dropout rates.
+
+    Preference losses compare the policy with a reference scored without dropout; dropout in the
+    policy's forward would make even step 0 differ from it. Returns how many dropouts were switched off.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, switched = 0.0, switched + 1
+        for name in ("attention_dropout", "dropout_p"):
+            if isinstance(getattr(module, name, None), float) and getattr(module, name) > 0:
+                setattr(module, name, 0.0)
+                switched += 1
+    return switched
 
 
 # ----------------------------------------------------------------------------- batches
@@ -114,12 +153,18 @@ class PairEncodings:
                                          max_length, max_prompt_length)
         return cls(encodings)
 
-    def collate(self, rows: Sequence[int], pad_id: int) -> dict[str, Tensor]:
-        return collate([self.encodings[row] for row in rows], pad_id)
+    def of(self, rows: Sequence[int]) -> list[PairEncoding]:
+        return [self.encodings[row] for row in rows]
 
 
-def scatter_reference(reference, side: str, rows: Sequence[int], mask: Tensor) -> Tensor:
-    """Reference per-token log-probs of ``rows`` placed on the response positions of ``mask`` ``[B, T-1]``.
+def pad_rows(rows: list[Tensor]) -> Tensor:
+    """Stack 1-D per-token tensors of different lengths into ``[B, T]`` (zeros after each row's end)."""
+    width = max(int(r.shape[-1]) for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows])
+
+
+def reference_tokens(reference, side: str, rows: Sequence[int], mask: Tensor) -> Tensor:
+    """Reference per-token log-probs of ``rows`` placed on the response positions of ``mask`` ``[B, T]``.
 
     The reference stage stored only response tokens (ragged); the counts must match the policy's
     tokenisation exactly, otherwise the two were encoded differently (a bug, not a user error).
@@ -146,27 +191,41 @@ class MicroBatchResult:
     output: LossOutput
     chosen_rho: Tensor  # [B] policy minus reference sequence log-prob (detached)
     rejected_rho: Tensor
-    tokens: int  # non-padding tokens in the forward
+    tokens: int  # tokens through the model (each pair padded only to its own longer response)
+    pairs: int
 
 
-def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], reference, loss_fn,
-                        method_cfg: dict) -> MicroBatchResult:
-    """One concatenated forward of chosen and rejected rows, then the loss.
+def forward_micro_batch(model, encodings: Sequence[PairEncoding], pad_id: int, rows: Sequence[int], reference, loss_fn,
+                        method_cfg: dict, device: torch.device, quiet=contextlib.nullcontext) -> MicroBatchResult:
+    """Each pair through ``scoring.pair_forward`` (the reference stage's exact layout), then one loss over all.
 
-    The method's capability flags decide what the loss input carries: BNF's full-vocabulary term only
-    with ``needs_vocab_term``, the reference's log-probs only with ``needs_reference`` (reference-free
-    losses never see them; the shifts from the reference are still logged).
+    Scoring a pair alone, in the same layout as the reference stage, makes the policy's first forward
+    equal the stored reference bit for bit; per-token results are then padded across pairs into the
+    ``[B, T]`` tensors the loss reads. The method's capability flags decide what the loss input
+    carries: BNF's full-vocabulary term only with ``needs_vocab_term``, the reference's log-probs only
+    with ``needs_reference`` (reference-free losses never see them; the shifts are still logged).
+    Under DDP ``quiet`` is ``no_sync``: every forward but the last leaves the reducer alone, so the
+    one backward over all pairs synchronises gradients once.
     """
-    logits, input_ids, response_mask = response_logits(model, batch)
-    scores = score_tokens(logits, input_ids, response_mask, with_others=bool(method_cfg.get("needs_vocab_term")))
-    del logits
-    n = len(rows)
-    split = lambda x: (x[:n], x[n:]) if x is not None else (None, None)  # noqa: E731
-    token_w, token_l = split(scores.token_logps)
-    mask_w, mask_l = split(scores.mask)
-    others_w, others_l = split(scores.others)
-    ref_w = scatter_reference(reference, "chosen", rows, mask_w)
-    ref_l = scatter_reference(reference, "rejected", rows, mask_l)
+    with_others = bool(method_cfg.get("needs_vocab_term"))
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    same, tokens = [], 0
+    for index, encoding in enumerate(encodings):
+        with quiet() if index < len(encodings) - 1 else contextlib.nullcontext():
+            scores, input_ids = pair_forward(model, encoding, pad_id, device, with_others=with_others)
+        for k, side in enumerate(SIDES):
+            parts[f"{side}_logps"].append(scores.token_logps[k])
+            parts[f"{side}_mask"].append(scores.mask[k])
+            if with_others:
+                parts[f"{side}_others"].append(scores.others[k])
+        same.append(bool(same_rows(input_ids, scores.mask, 1)[0]))
+        tokens += len(encoding.chosen_ids) + len(encoding.rejected_ids)
+    token_w, token_l = pad_rows(parts["chosen_logps"]), pad_rows(parts["rejected_logps"])
+    mask_w, mask_l = pad_rows(parts["chosen_mask"]), pad_rows(parts["rejected_mask"])
+    others_w = pad_rows(parts["chosen_others"]) if with_others else None
+    others_l = pad_rows(parts["rejected_others"]) if with_others else None
+    ref_w = reference_tokens(reference, "chosen", rows, mask_w)
+    ref_l = reference_tokens(reference, "rejected", rows, mask_l)
     with_reference = bool(method_cfg.get("needs_reference", True))
     inp = LossInput(
         chosen_logps=token_w.sum(-1), rejected_logps=token_l.sum(-1),
@@ -176,48 +235,53 @@ def forward_micro_batch(model, batch: dict[str, Tensor], rows: Sequence[int], re
         ref_chosen_token_logps=ref_w if with_reference else None,
         ref_rejected_token_logps=ref_l if with_reference else None,
         chosen_others=others_w, rejected_others=others_l,
-        same_response=same_rows(input_ids, scores.mask, n),
+        same_response=torch.tensor(same, device=mask_w.device),
     )
     output = loss_fn(inp, method_cfg)
     return MicroBatchResult(output, (inp.chosen_logps - ref_w.sum(-1)).detach(),
-                            (inp.rejected_logps - ref_l.sum(-1)).detach(),
-                            int(batch["attention_mask"].sum()))
+                            (inp.rejected_logps - ref_l.sum(-1)).detach(), tokens, len(rows))
 
 
 # ----------------------------------------------------------------------------- step metrics
 
 @dataclass
 class StepMetrics:
-    """Averages the micro-batches of one optimiser step into the ``train/...`` names we log."""
+    """The ``train/...`` metrics of one optimiser step: every micro-batch weighted by its pair count.
+
+    Losses return means over their micro-batch, so a mean of means would over-weight a short last
+    micro-batch; each value is summed as ``mean x pairs`` and divided by the step's pairs. Under DDP
+    ``reduce`` sums (value sums and pair counts) over processes before dividing, and ``gather`` pools
+    the per-bucket shifts of every process's pairs (each process may see other buckets).
+    """
 
     buckets: Any  # row -> bucket label
     sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    count: int = 0
+    pairs: int = 0
     shift: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     tokens: int = 0
 
     def add(self, result: MicroBatchResult, rows: Sequence[int]) -> None:
-        self.count += 1
+        self.pairs += result.pairs
         self.tokens += result.tokens
-        self.sums["loss"] += float(result.output.loss.detach())
+        self.sums["loss"] += float(result.output.loss.detach()) * result.pairs
         for name, value in result.output.metrics.items():
-            self.sums[name] += float(value)
+            self.sums[name] += float(value) * result.pairs
         for row, rho_w, rho_l in zip(rows, result.chosen_rho.tolist(), result.rejected_rho.tolist()):
             self.shift[f"logps_shift/chosen/{self.buckets[row]}"].append(rho_w)
             self.shift[f"logps_shift/rejected/{self.buckets[row]}"].append(rho_l)
 
     def finish(self, reduce=None, gather=None) -> dict[str, float]:
-        """The step's metrics. Under DDP ``reduce`` averages the micro-batch means over processes and
-        ``gather`` (one object per process -> list of all) pools the per-bucket shifts of every process's
-        pairs (each process may see other buckets, so they cannot be reduced as one tensor)."""
-        values = {f"train/{name}": total / self.count for name, total in self.sums.items()}
+        sums, pairs = dict(self.sums), float(self.pairs)
         if reduce is not None:
-            values = reduce(values)
+            totals = reduce({**sums, "__pairs__": pairs})
+            pairs = totals.pop("__pairs__")
+            sums = totals
+        values = {f"train/{name}": total / pairs for name, total in sums.items()}
         shift = self.shift
         if gather is not None:
             shift = defaultdict(list)
             for part in gather(dict(self.shift)):
-                for name, pairs in part.items():
-                    shift[name].extend(pairs)
+                for name, items in part.items():
+                    shift[name].extend(items)
         values.update({f"train/{name}": float(np.mean(v)) for name, v in sorted(shift.items())})
         return values

@@ -87,8 +87,8 @@ def check_path_names(cfg: DictConfig) -> None:
 def check_artifacts_dir(cfg: DictConfig) -> None:
     """The store's folder must be creatable: no existing file on its path, and writable where it exists."""
     value = select(cfg, "artifacts_dir")
-    if value is None:
-        raise UserError("artifacts_dir: required (a folder for the artifact store), e.g. artifacts_dir=artifacts")
+    if value is None:  # partial configs (tests of one group); the composed config always has it
+        return
     path = os.path.abspath(os.path.expanduser(str(value)))
     existing = path
     while not os.path.exists(existing):
@@ -163,7 +163,7 @@ def validate(cfg: DictConfig) -> None:
 
 # Training (conf/train/); appended after validate() on purpose: CHECKS is read when validate runs.
 def check_train_choices(cfg: DictConfig) -> None:
-    for key, choices in (("train.precision", ("fp32", "bf16")), ("train.schedule", ("linear", "cosine", "constant"))):
+    for key, choices in (("train.precision", ("fp32", "bf16", "auto")), ("train.schedule", ("linear", "cosine", "constant"))):
         value = select(cfg, key)
         if value is not None and value not in choices:
             raise UserError(f"{key}={value!r}: expected one of {list(choices)}")
@@ -189,6 +189,12 @@ def check_train_adam(cfg: DictConfig) -> None:
         raise UserError(f"train.warmup_ratio={ratio!r}: expected a number in [0, 1)")
 
 
+def check_disable_dropout(cfg: DictConfig) -> None:
+    value = select(cfg, "train.disable_dropout")
+    if value is not None and not isinstance(value, bool):
+        raise UserError(f"train.disable_dropout={value!r}: expected true or false")
+
+
 CHECKS += [
     positive("train.lr"),
     integer("train.max_steps", 1),  # null means "use train.epochs"
@@ -200,14 +206,13 @@ CHECKS += [
     positive("train.max_grad_norm"),  # null disables clipping
     positive("train.adam_eps"),
     integer("train.probe_every", 1),
-    integer("train.probe_batch_size", 1),
-    integer("train.reference_batch_size", 1),
     non_negative("train.weight_decay"),
     integer("train.probe_pairs", 0),
     integer("train.checkpoint_every", 0),  # 0 = no checkpoints
     check_train_choices,
     check_train_lengths,
     check_train_adam,
+    check_disable_dropout,
 ]
 
 

@@ -36,7 +36,7 @@ def tiny_pairs(tokenizer) -> pd.DataFrame:
 
 
 def stage_cfg(tiny_model_cfg, **train):
-    settings = {"max_length": 96, "max_prompt_length": 48, "precision": "fp32", "reference_batch_size": 2}
+    settings = {"max_length": 96, "max_prompt_length": 48, "precision": "fp32"}
     settings.update(train)
     return OmegaConf.create({"model": tiny_model_cfg, "train": settings, "seed": 0,
                              "method": {"name": "dpop", "beta": 0.1}})
@@ -81,7 +81,7 @@ def test_reference_scores_equal_a_direct_forward_and_are_reused(store, tiny_mode
             assert scored.seq_logps(side)[i].item() == pytest.approx(logps.sum().item(), abs=1e-4)
     # Method, beta and seed are not in the key: every method of a sweep reuses this artifact.
     again = reference.run(stage_cfg(tiny_model_cfg).copy(), upstream, root)
-    other_method = OmegaConf.merge(cfg, {"method": {"name": "dpo", "beta": 0.5}, "seed": 3, "train": {"reference_batch_size": 5}})
+    other_method = OmegaConf.merge(cfg, {"method": {"name": "dpo", "beta": 0.5}, "seed": 3, "train": {"batch_size": 5}})
     assert again.cached and reference.run(other_method, upstream, root).key == artifact.key
     assert reference.run(stage_cfg(tiny_model_cfg, max_length=64), upstream, root).key != artifact.key
 
@@ -102,7 +102,7 @@ def test_bf16_reference_keeps_fp32_logps(store, tiny_model_cfg):
 def test_scored_pairs_save_load_select(store, tmp_path):
     _, upstream, frame = store
     model = models.load_causal_lm(upstream["model"], OmegaConf.load(Path(__file__).parent.parent / "conf/model/tiny.yaml"))
-    scored = score_pairs(model, models.load_tokenizer(upstream["model"]), frame, 96, 48, batch_size=3, progress=False)
+    scored = score_pairs(model, models.load_tokenizer(upstream["model"]), frame, 96, 48, progress=False)
     scored.save(tmp_path / "s.safetensors")
     loaded = ScoredPairs.load(tmp_path / "s.safetensors")
     assert loaded.pair_ids == scored.pair_ids

@@ -91,7 +91,7 @@ def test_report_renders_in_a_real_browser(workdir, first_sweep):
     from analysis.browser import check_report, find_browser
     if find_browser() is None:
         pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
-    (sweep_dir,) = sweep_dirs(workdir, "two")
+    sweep_dir = sweep_dirs(workdir, "two")[0]  # the first sweep (the rerun test adds a second)
     report = sweep_dir / "report" / "report.html"
     figures = sorted(p.name for p in (sweep_dir / "report" / "figures").glob("*.png"))
     seen = check_report(report)
