@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import Artifact, build
 
-VERSION = 1
 JOB = "run"
 
 
@@ -56,4 +55,4 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         figures = sorted(p.name for p in (workdir / "figures").glob("*.png")) if (workdir / "figures").exists() else []
         return {"report": "report.md", "figures": figures, "metrics": int(tables["results"]["metric"].notna().sum())}
 
-    return build(root, "analyse", VERSION, subset, upstream, compute)
+    return build(root, "analyse", subset, upstream, compute)

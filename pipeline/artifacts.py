@@ -1,9 +1,13 @@
 """Content-addressed artifact store.
 
 Every stage writes into ``<root>/<stage>/<key>/``. The key is a short hash of
-(stage, schema version, the config subset the stage reads, upstream keys), so a
-sweep shares every artifact whose inputs agree and a rerun skips finished work.
-Logger settings, paths and sweep names must never enter a config subset.
+(stage, the code that computes it — ``pipeline.code_version.code_identity``: its modules' import
+closure and the library versions its numbers depend on —, the config subset the stage reads,
+upstream keys), so a sweep shares every artifact whose inputs agree, a rerun skips finished work,
+and editing the code recomputes exactly what depends on it. Numbers are canonical in the key
+(``beta=1`` and ``beta=1.0`` are one key). Logger settings, labels, paths and sweep names must
+never enter a config subset. ``forcing(stages)`` recomputes named stages even when their artifact
+exists (``recompute=[...]``): the new one replaces the old under the same key.
 
 A stage computes into ``<root>/<stage>/<key>.partial/`` under a file lock and the
 directory is renamed into place only after ``manifest.json`` is written: a
@@ -23,13 +27,15 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from filelock import FileLock
 
+from pipeline.code_version import code_identity
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -54,13 +60,42 @@ class Artifact:
         return json.loads((self.path / MANIFEST).read_text())
 
 
+def canonical(value: Any) -> Any:
+    """Equal numbers compare equal: every int (not bool) becomes a float, recursively."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(canonical(value), sort_keys=True, separators=(",", ":"), default=str)
 
 
-def artifact_key(stage: str, version: int, config: dict[str, Any], upstream: dict[str, str]) -> str:
-    payload = canonical_json({"stage": stage, "version": version, "config": config, "upstream": upstream})
+def artifact_key(stage: str, config: dict[str, Any], upstream: dict[str, str], code: dict[str, Any] | None = None) -> str:
+    payload = canonical_json({"stage": stage, "code": code and {"hash": code["hash"]}, "config": config,
+                              "upstream": upstream})
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+_FORCED: set[str] = set()
+
+
+@contextmanager
+def forcing(stages: Sequence[str]):
+    """Within this block, ``build`` recomputes these stages even when their artifact exists."""
+    previous = set(_FORCED)
+    _FORCED.update(stages)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(previous)
 
 
 def sha256_file(path: Path) -> str:
@@ -108,7 +143,6 @@ def find(root: Path, stage: str, key: str) -> Artifact | None:
 def build(
     root: Path | str,
     stage: str,
-    version: int,
     config: dict[str, Any],
     upstream: dict[str, Artifact],
     compute: Callable[[Path], dict[str, Any] | None],
@@ -123,15 +157,17 @@ def build(
     """
     root = Path(root)
     upstream_keys = {name: art.key for name, art in sorted(upstream.items())}
-    key = artifact_key(stage, version, config, upstream_keys)
+    code = code_identity(stage)
+    key = artifact_key(stage, config, upstream_keys, code)
+    force = stage in _FORCED
     existing = find(root, stage, key)
-    if existing:
+    if existing and not force:
         return existing
     stage_dir = root / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(stage_dir / f"{key}.lock")):
         existing = find(root, stage, key)  # another process may have finished it while we waited
-        if existing:
+        if existing and not force:
             return existing
         workdir = stage_dir / f"{key}.partial"
         if workdir.exists() and not resumable:
@@ -147,7 +183,8 @@ def build(
         manifest = {
             "stage": stage,
             "key": key,
-            "schema_version": version,
+            "code": code,
+            "forced": force,
             "config": config,
             "upstream": upstream_keys,
             "git": git_state(),
@@ -159,16 +196,19 @@ def build(
         }
         (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         final = stage_dir / key
-        if final.exists():  # a manifest-less leftover is not an artifact; replace it
-            shutil.rmtree(final)
-        os.replace(workdir, final)
+        if final.exists():  # a manifest-less leftover, or the artifact a forced recompute replaces
+            retired = stage_dir / f"{key}.replaced-{os.getpid()}"
+            os.replace(final, retired)
+            os.replace(workdir, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(workdir, final)
     return Artifact(stage, key, final, cached=False)
 
 
 def build_collective(
     root: Path | str,
     stage: str,
-    version: int,
     config: dict[str, Any],
     upstream: dict[str, Artifact],
     compute: Callable[[Path], dict[str, Any] | None],
@@ -193,7 +233,7 @@ def build_collective(
             announced.append(share(str(workdir)))
             return compute(workdir)
 
-        artifact = build(root, stage, version, config, upstream, compute_with_others, resumable)
+        artifact = build(root, stage, config, upstream, compute_with_others, resumable)
         if not announced:
             share(None)  # found cached: the others have nothing to compute
         share(artifact.key)

@@ -32,7 +32,7 @@ from pipeline.artifacts import Artifact, build
 from pipeline.environment import env_flag
 from pipeline.errors import UserError
 
-VERSION = 1
+TASK_VERSION = 1  # lm-eval task metadata version
 STAGE = "eval_suite"
 TASK_DIR = "tasks"
 SHAPES = ("multiple_choice", "generate")
@@ -84,7 +84,7 @@ def task_config(name: str, spec: dict[str, Any], fewshot_file: Path, test_file: 
         "test_split": "test",
         "num_fewshot": int(spec["num_fewshot"]),
         "doc_to_text": "Question: {{question}}\nAnswer:",
-        "metadata": {"version": VERSION},
+        "metadata": {"version": TASK_VERSION},
     }
     if spec["shape"] == "multiple_choice":
         return {
@@ -151,7 +151,7 @@ def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artif
             counts[name] = {"fewshot": pool, "test": len(items) - pool}
         return {"items": counts}
 
-    return build(root, STAGE, VERSION, settings, {"pair": pair}, compute)
+    return build(root, STAGE, settings, {"pair": pair}, compute)
 
 
 # ---------------------------------------------------------------- hub presets

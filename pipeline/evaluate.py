@@ -35,7 +35,6 @@ from pipeline.artifacts import Artifact, build
 from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
 
-VERSION = 1
 STAGE = "evaluate"
 SUITES = ("local", "hub", "none")
 
@@ -202,6 +201,13 @@ def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, refere
     return summary
 
 
+def config_subset(cfg: DictConfig, label: str) -> dict[str, Any]:
+    """No method, train or run-seed keys: the baseline is shared by every job of a sweep; ``eval.name`` is a label."""
+    settings = {k: v for k, v in eval_settings(cfg.eval).items() if k != "name"}
+    # The trained model is evaluated loaded in model.dtype (bf16 on the GPU presets): that changes scores.
+    return {"eval": settings, "model": label, "scoring": scoring_settings(cfg), "model_dtype": str(cfg.model.dtype)}
+
+
 def scoring_settings(cfg: DictConfig) -> dict[str, Any]:
     # The truncation and autocast the reference scores were computed with, so policy and reference align.
     return {"max_length": int(cfg.train.max_length), "max_prompt_length": int(cfg.train.max_prompt_length),
@@ -226,8 +232,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
 
     settings = eval_settings(cfg.eval)
     pair, reference = upstream["pair"], upstream["reference"]
-    # No method, train or run-seed keys: the baseline must be shared by every job of a sweep.
-    subset = {"eval": settings, "model": label, "scoring": scoring_settings(cfg)}
+    subset = config_subset(cfg, label)
 
     def compute(workdir: Path) -> dict[str, Any]:
         extra: dict[str, Any] = {"model": label}
@@ -251,7 +256,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
         extra["average"] = document["average"]
         return extra
 
-    return build(root, STAGE, VERSION, subset, upstream, compute)
+    return build(root, STAGE, subset, upstream, compute)
 
 
 # ---------------------------------------------------------------- stage

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +32,6 @@ from pipeline.artifacts import Artifact, build
 from pipeline.environment import env_flag
 from pipeline.errors import UserError
 
-VERSION = 1
 STAGE = "model"
 MODEL_DIR = "model"
 SOURCE_FILE = "source.json"
@@ -79,10 +79,39 @@ def config_subset(model_cfg: DictConfig) -> dict[str, Any]:
     return {"source": resolve_source(model_cfg), "trust_remote_code": bool(model_cfg.trust_remote_code)}
 
 
+def resolve_revision(repo_id: str, revision: str, repo_type: str = "model") -> str:
+    """The commit sha a hub branch or tag points to now, so a repository that moves gets a new key.
+
+    A 40-hex revision is already a commit. Online, the hub answers; offline, the local HF cache's
+    ``refs/<revision>`` file (what a previous download recorded) does. Neither: one line.
+    """
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    if not hub_offline():
+        try:
+            from huggingface_hub import HfApi
+            info = (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(repo_id, revision=revision)
+            return str(info.sha)
+        except Exception as error:  # unreachable or unknown: fall back to the cache below
+            reason = f"{type(error).__name__}"
+    else:
+        reason = "HF_HUB_OFFLINE=1"
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs" / revision
+    if ref.is_file():
+        return ref.read_text().strip()
+    key = "model.hub_id" if repo_type == "model" else "data.hub_id"
+    raise UserError(f"{key}={repo_id!r} revision {revision!r}: cannot resolve it to a commit ({reason}) and it is not "
+                    f"in the local HF cache ({constants.HF_HUB_CACHE}); run once with hub access or pin a commit sha")
+
+
 def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     model_cfg = cfg.model
     subset = config_subset(model_cfg)
     source = subset["source"]
+    if source["kind"] == "hub":  # the key names the commit, not a branch that can move
+        source["revision"] = resolve_revision(source["hub_id"], source["revision"])
 
     def compute(workdir: Path) -> dict[str, Any]:
         if source["kind"] == "tiny":
@@ -102,7 +131,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         tokenizer.save_pretrained(workdir / MODEL_DIR)
         return {"parameters": sum(p.numel() for p in model.parameters()), "materialized": True}
 
-    return build(root, STAGE, VERSION, subset, {}, compute)
+    return build(root, STAGE, subset, {}, compute)
 
 
 # ---------------------------------------------------------------- sources

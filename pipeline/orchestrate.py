@@ -25,7 +25,7 @@ from typing import Any
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import Artifact
+from pipeline.artifacts import Artifact, forcing
 from pipeline.errors import UserError
 from pipeline.validate import validate
 
@@ -74,12 +74,17 @@ class Run:
         self.run_dir = Path(run_dir)
         self.main = is_main_process()
         self.artifacts: dict[str, Artifact] = {}
-        self.claimed = False  # run.json is ours once the first save has set aside any older record
+        self.claimed = False
+        # recompute=[evaluate] also recomputes the local eval suite the evaluation builds on
+        self.forced = list(OmegaConf.select(cfg, "recompute", default=[]) or [])
+        if "evaluate" in self.forced:
+            self.forced.append("eval_suite")  # run.json is ours once the first save has set aside any older record
         self.record: dict[str, Any] = {
             "sweep_name": cfg.sweep_name,
             "method": OmegaConf.select(cfg, "method.name"),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "status": "running",
+            "forced": list(OmegaConf.select(cfg, "recompute", default=[]) or []),
             "artifacts": {},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -93,12 +98,14 @@ class Run:
         if stage not in self.artifacts:
             upstream = {name: self.get(name) for name in self.upstream_names(stage)}
             module = importlib.import_module(STAGE_MODULES[stage])
-            artifact = module.run(self.cfg, upstream, self.root)
+            with forcing(self.forced):
+                artifact = module.run(self.cfg, upstream, self.root)
             self.artifacts[stage] = artifact
             status = "cached" if artifact.cached else "computed"
             if self.main:
                 print(f"[{stage}] artifact {artifact.path} ({status})", flush=True)
-            self.record["artifacts"][stage] = {"key": artifact.key, "path": str(artifact.path), "cached": artifact.cached}
+            self.record["artifacts"][stage] = {"key": artifact.key, "path": str(artifact.path), "cached": artifact.cached,
+                                               "forced": stage in self.forced}
             self.save()
         return self.artifacts[stage]
 

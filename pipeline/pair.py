@@ -36,7 +36,6 @@ from pipeline.artifacts import Artifact, build
 from pipeline.distance import distances_and_buckets, fallback_tokenize, hf_tokenize
 from pipeline.errors import UserError
 
-VERSION = 1
 STAGE = "pair"
 SOURCES = ("synthetic", "local", "hub")
 SYNTHETIC_KEYS = ("name", "source", "seed", "num_problems", "num_eval_items", "kind_mix")
@@ -241,7 +240,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         (workdir / "stats.json").write_text(json.dumps(stats, indent=2, default=int))
         return {"pairs": len(frame), "schema": stats["schema"]}
 
-    return build(root, STAGE, VERSION, subset, model_upstream, compute)
+    return build(root, STAGE, subset, model_upstream, compute)
 
 
 def load_pairs(artifact: Artifact, split: str | None = None) -> pd.DataFrame:

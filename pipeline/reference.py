@@ -31,7 +31,6 @@ from pipeline.artifacts import Artifact, build
 from pipeline.batching import check_token_budget
 from pipeline.scoring import ScoredPairs, score_pairs
 
-VERSION = 3  # 3: pairs scored one at a time (the trainer's layout); 2: keyed by the scored text
 STAGE = "reference"
 SCORES_FILE = "reference.safetensors"
 PAIRS_FILE = "pairs.parquet"  # written by the pair stage
@@ -71,7 +70,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         return {"pairs": len(scored), "sequences_scored": 2 * len(scored), "first_pair_artifact": pair.key,
                 **token_stats(scored, tokenizer.eos_token_id)}
 
-    return build(root, STAGE, VERSION, subset, inputs, compute)
+    return build(root, STAGE, subset, inputs, compute)
 
 
 def scored_text_hash(pairs: pd.DataFrame) -> str:

@@ -45,11 +45,11 @@ from pipeline.precision import resolve_precision
 from pipeline.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer, disable_dropout,
                                     forward_micro_batch, total_steps)
 
-VERSION = 1
 STAGE = "train"
 UPSTREAM = ("model", "pair", "reference")
 # Keys of conf/train that change nothing in the artifact (memory, checkpoints, display) or belong to the reference stage.
 OPERATIONAL_KEYS = ("checkpoint_every", "progress")
+LABELS = ("name",)  # method.name labels tables and runs; two names of one setting share the artifact
 # Test-only hook: raise after this many steps (after that step's checkpoint) to simulate a crash.
 CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
 METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
@@ -79,8 +79,11 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
     from pipeline.models import lora_enabled, policy_dtype
     train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL_KEYS}
     train["precision"] = resolve_precision(train["precision"])  # what ran, not "auto"
+    if train.get("max_steps") is not None:
+        train.pop("epochs", None)  # unused when the step count is set
+    method = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in LABELS}
     return {
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "method": method,
         "train": train,
         "seed": int(cfg.seed),
         "bucket_filter": bucket_filter(cfg),
@@ -102,11 +105,11 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     inputs = {name: upstream[name] for name in UPSTREAM}
     compute = lambda workdir: train(cfg, upstream, Path(workdir))  # noqa: E731
     if state.num_processes == 1:
-        return build(root, STAGE, VERSION, subset, inputs, compute, resumable=True)
+        return build(root, STAGE, subset, inputs, compute, resumable=True)
     # DDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
     subset["processes"] = state.num_processes
     # Every rank trains; only the main one holds the lock and writes the artifact.
-    return build_collective(root, STAGE, VERSION, subset, inputs, compute, resumable=True,
+    return build_collective(root, STAGE, subset, inputs, compute, resumable=True,
                             is_main=state.is_main_process,
                             share=lambda value: broadcast_object_list([value], from_process=0)[0])
 

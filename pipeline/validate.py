@@ -25,10 +25,13 @@ def check_missing(cfg: DictConfig) -> None:
 
 
 def check_stages(cfg: DictConfig) -> None:
-    stages = list(cfg.stages)
-    unknown = [s for s in stages if s not in KNOWN_STAGES]
-    if unknown:
-        raise UserError(f"stages: unknown stage(s) {unknown}; valid stages are {list(KNOWN_STAGES)}")
+    for key in ("stages", "recompute"):
+        value = select(cfg, key)
+        if value is None:
+            continue
+        unknown = [s for s in list(value) if s not in KNOWN_STAGES]
+        if unknown:
+            raise UserError(f"{key}: unknown stage(s) {unknown}; valid stages are {list(KNOWN_STAGES)}")
 
 
 def select(cfg: DictConfig, key: str) -> Any:

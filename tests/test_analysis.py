@@ -48,7 +48,7 @@ def make_pair(root: Path):
         write_json(work / "stats.json", {"bucket_unit": "char_ned", "bucket_edges": [0.0, 0.2, 1.0],
                                          "bucket_labels": list(BUCKETS)})
         (work / "histogram.png").write_bytes(b"png")
-    return build(root, "pair", 1, {"pairing": {"unit": "char_ned", "bucket_edges": [0.0, 0.2, 1.0]}}, {}, compute)
+    return build(root, "pair", {"pairing": {"unit": "char_ned", "bucket_edges": [0.0, 0.2, 1.0]}}, {}, compute)
 
 
 def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, baseline=None):
@@ -72,7 +72,7 @@ def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, base
                                               "by_bucket": {b: {"reward_accuracy": 0.5} for b in BUCKETS}})
         return {"model": "base" if baseline is None else "trained",
                 **({"baseline": {"key": baseline.key, "path": str(baseline.path)}} if baseline else {})}
-    return build(root, "evaluate", 1, {"tag": tag}, {}, compute)
+    return build(root, "evaluate", {"tag": tag}, {}, compute)
 
 
 def make_train(root: Path, tag: str, slope: float):
@@ -86,7 +86,7 @@ def make_train(root: Path, tag: str, slope: float):
              "rejected_shift": (slope - 1) * s, "chosen_logit_shift": slope, "rejected_logit_shift": -1.0}
             for s in (0, 1, 2) for i in range(2)])
         write_json(work / "summary.json", {"steps": 2, "final": {"train/loss": 0.49}})
-    return build(root, "train", 1, {"tag": tag}, {}, compute)
+    return build(root, "train", {"tag": tag}, {}, compute)
 
 
 def make_sweep(tmp_path: Path, jobs: list[dict], name: str = "sweep") -> tuple[Path, dict]:

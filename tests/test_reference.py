@@ -47,7 +47,7 @@ def store(tmp_path_factory, tiny_model_artifact):
     """A store holding the tiny model and a hand-made pair artifact (pairs.parquet, as the pair stage writes)."""
     root = tmp_path_factory.mktemp("reference-store")
     frame = tiny_pairs(models.load_tokenizer(tiny_model_artifact))
-    pair = build(root, "pair", 1, {"handmade": True}, {}, lambda work: frame.to_parquet(work / "pairs.parquet", index=False))
+    pair = build(root, "handmade_pair", {"handmade": True}, {}, lambda work: frame.to_parquet(work / "pairs.parquet", index=False))
     return root, {"model": tiny_model_artifact, "pair": pair}, frame
 
 
