@@ -15,8 +15,13 @@ import pandas as pd  # noqa: E402
 REFERENCE_COLOR = "0.45"
 
 
+# The last figure drawn under each name (closed, artists kept): tests read the plotted values back.
+DRAWN: dict = {}
+
+
 def save(fig, out_dir: Path | str, name: str) -> list[Path]:
     """Write ``<name>.png`` and ``<name>.pdf`` and close the figure."""
+    DRAWN[name] = fig
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]

@@ -172,6 +172,7 @@ def test_python_m_analysis_writes_every_figure_table_and_report(sweep, capsys):
         for suffix in (".png", ".pdf"):
             assert (figures / f"{stem}{suffix}").stat().st_size > 1000, stem + suffix
     assert not list(figures.glob("f7_*"))  # beta and lambda do not vary
+    assert_plotted_values_match_the_tidy_table(collect(sweep_dir))
     table = (figures / "f6_leaderboard.md").read_text()
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert list(lines) == ["reference", "dpo", "dpop"]
@@ -261,3 +262,33 @@ def test_labels_pool_jobs_that_differ_only_by_seeds():
                for beta, seed in [(0.1, 0), (0.1, 1), (0.3, 0)]]
     labels = _labels([{"method": "dpo"}] * 3, configs)
     assert labels == ["dpo (beta=0.1)", "dpo (beta=0.1)", "dpo (beta=0.3)"]
+
+
+def assert_plotted_values_match_the_tidy_table(tables):
+    """F3's bars and F2's lines, read back from the drawn figures, against means computed here from the
+    tidy tables (not through the figure modules' own helpers)."""
+    from analysis.plotting import DRAWN
+    pairs = tables["pairs"].assign(bucket=lambda d: d["bucket"].astype(str))
+    f3 = DRAWN["f3_after_diff_logp"].axes[0]
+    heights = {(container.get_label(), round(patch.get_x() + patch.get_width() / 2)): patch.get_height()
+               for container in f3.containers if hasattr(container, "patches") for patch in container.patches}
+    buckets = sorted(pairs["bucket"].unique(), key=lambda b: ["low", "high"].index(b) if b in ("low", "high") else 9)
+    for label in pairs.loc[pairs["method"] != "reference", "label"].unique():
+        for x, bucket in enumerate(buckets):
+            mine = pairs[(pairs["label"] == label) & (pairs["bucket"] == bucket)]["chosen_after_diff_mean_logp"].mean()
+            assert heights[(label, x)] == pytest.approx(mine), (label, bucket)
+    f2 = DRAWN["f2_logp_shift"]
+    traj = tables["probes"]
+    checked = 0
+    for ax in f2.axes:
+        bucket = ax.get_title().removeprefix("bucket ")
+        for line in ax.get_lines():
+            if " " not in str(line.get_label()):
+                continue
+            label, side = str(line.get_label()).rsplit(" ", 1)
+            rows = traj[(traj["label"] == label) & (traj["bucket"].astype(str) == bucket)]
+            expected = rows.groupby(["job", "step"])[f"{side}_shift"].mean().groupby("step").mean()
+            assert list(line.get_xdata()) == list(expected.index)
+            assert list(line.get_ydata()) == pytest.approx(list(expected.values))
+            checked += 1
+    assert checked >= 4 and heights
