@@ -21,6 +21,7 @@ PROJECT_PACKAGES = ("pipeline", "analysis")
 STAGE_MODULES = {
     "model": "pipeline.models", "pair": "pipeline.pair", "reference": "pipeline.reference",
     "train": "pipeline.train", "eval_suite": "pipeline.eval_suite", "evaluate": "pipeline.evaluate",
+    "lm_eval": "pipeline.evaluate",
     "analyse": "pipeline.analyse",
 }
 # Libraries whose behaviour changes a stage's numbers (their versions enter its key).
@@ -31,6 +32,7 @@ STAGE_LIBRARIES = {
     "train": ("torch", "transformers", "tokenizers", "accelerate", "peft"),
     "eval_suite": ("lm-eval",),
     "evaluate": ("torch", "transformers", "tokenizers", "lm-eval", "datasets"),
+    "lm_eval": ("torch", "transformers", "tokenizers", "lm-eval", "datasets"),
     "analyse": ("pandas", "matplotlib"),
 }
 

@@ -151,7 +151,11 @@ def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artif
             counts[name] = {"fewshot": pool, "test": len(items) - pool}
         return {"items": counts}
 
-    return build(root, STAGE, settings, {"pair": pair}, compute)
+    # Keyed by the items' content, not the pair artifact: re-bucketing the pairs keeps the suite (and the
+    # lm-eval scores built on it).
+    from pipeline.artifacts import sha256_file
+    content = {name: sha256_file(path) for name, path in sorted(sources.items())}
+    return build(root, STAGE, {**settings, "items": content}, {}, compute)
 
 
 # ---------------------------------------------------------------- hub presets

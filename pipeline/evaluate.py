@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
 
 STAGE = "evaluate"
+LM_EVAL_STAGE = "lm_eval"  # the harness's part alone (see evaluate_model)
 SUITES = ("local", "hub", "none")
 
 
@@ -225,31 +227,47 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
                    baseline: Artifact | None = None) -> Artifact:
     """Evaluate one model (``label`` "base" or "trained") into its own artifact.
 
-    ``model_source`` is the artifact holding the weights (the model artifact, or the train artifact's
-    ``model/``); ``upstream`` the artifacts that key this evaluation.
+    Two artifacts, so that what is expensive depends only on what changes it: ``lm_eval`` (the harness's
+    scores and samples) is keyed by the weights (``model_source``: the model or train artifact), the eval
+    settings and the task suite's content — never by the pairs, buckets or ``train.max_length`` —; the
+    ``evaluate`` artifact, keyed by everything, adds the preference metrics on the held-out pairs (quick)
+    and carries copies of the lm-eval files, so readers find everything in one place.
     """
     from pipeline.models import load_causal_lm, load_tokenizer
 
     settings = eval_settings(cfg.eval)
     pair, reference = upstream["pair"], upstream["reference"]
     subset = config_subset(cfg, label)
+    lm_artifact = None
+    if settings["suite"] != "none":  # tasks first: a missing dataset stops us before any model loads
+        manager, tasks, provenance = load_tasks(settings, pair, root)
+        lm_subset = {"eval": subset["eval"], "model": label, "model_dtype": subset["model_dtype"],
+                     "suite": (provenance.get("suite") or {}).get("key")}
+
+        def compute_lm_eval(workdir: Path) -> dict[str, Any]:
+            model = load_causal_lm(model_source, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
+            tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
+            results = run_lm_eval(model, tokenizer, manager, tasks, settings)
+            write_lm_eval_outputs(results, workdir)
+            (workdir / "lm_eval_scores.json").write_text(json.dumps(flat_scores(results), indent=2))
+            return {"model": label, **provenance}
+
+        lm_artifact = build(root, LM_EVAL_STAGE, lm_subset, {"weights": model_source}, compute_lm_eval)
 
     def compute(workdir: Path) -> dict[str, Any]:
         extra: dict[str, Any] = {"model": label}
         if baseline is not None:
             extra["baseline"] = {"key": baseline.key, "path": str(baseline.path)}
-        if settings["suite"] != "none":  # tasks first: a missing dataset stops us before the model loads
-            manager, tasks, provenance = load_tasks(settings, pair, root)
-            extra.update(provenance)
-        model = load_causal_lm(model_source, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
-        # Preference metrics first: they are quick and fail on bad pairs before the long lm-eval run.
-        preference = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
         scores: dict[str, dict[str, float]] = {}
-        if settings["suite"] != "none":
-            results = run_lm_eval(model, tokenizer, manager, tasks, settings)
-            scores = flat_scores(results)
-            write_lm_eval_outputs(results, workdir)
+        if lm_artifact is not None:
+            extra["lm_eval"] = {"key": lm_artifact.key, "path": str(lm_artifact.path)}
+            scores = json.loads((lm_artifact.path / "lm_eval_scores.json").read_text())
+            shutil.copy(lm_artifact.path / "lm_eval_results.json", workdir / "lm_eval_results.json")
+            shutil.copytree(lm_artifact.path / "samples", workdir / "samples")
+        model = None if label == "base" else load_causal_lm(model_source, cfg.model).to(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
+        preference = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
         document = scores_document(scores, settings, label)
         document["preference"] = preference
         (workdir / "scores.json").write_text(json.dumps(document, indent=2, default=_json_number))

@@ -244,3 +244,17 @@ def test_smollm2_solves_some_local_problems(tmp_path):
     print("SmolLM2 local scores:", scores)
     solved = round(scores["local_gen"]["exact_match_flexible-extract"] * 48)
     assert solved >= 3, f"SmolLM2 solved {solved} of 48 generated problems"
+
+
+def test_lm_eval_scores_do_not_depend_on_buckets_or_lengths(trained_run):
+    """Re-bucketing the pairs or changing train.max_length recomputes the preference metrics, not lm-eval."""
+    root, record = trained_run
+    base = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]
+    base_lm = json.loads((Path(base["path"]) / "manifest.json").read_text())["lm_eval"]["key"]
+    again = run_pipeline(root, root.parent / "run-rebucket", "stages=[pair,reference,evaluate]",
+                         "pairing.bucket_edges=[0.0,0.5,1.0]", "train.max_length=120")
+    evaluation = json.loads((artifact_of(again, "evaluate") / "manifest.json").read_text())
+    assert not again["artifacts"]["evaluate"]["cached"] and evaluation["lm_eval"]["key"] == base_lm
+    assert again["artifacts"]["pair"]["key"] != record["artifacts"]["pair"]["key"]
+    limited = run_pipeline(root, root.parent / "run-limit", "stages=[pair,reference,evaluate]", "eval.limit=2")
+    assert json.loads((artifact_of(limited, "evaluate") / "manifest.json").read_text())["lm_eval"]["key"] != base_lm
