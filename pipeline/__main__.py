@@ -41,6 +41,16 @@ def main(cfg: DictConfig) -> None:
         traceback.print_exc()
     if not multirun and run.record["status"] == "failed":
         sys.exit(1)
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Under a distributed launch, meet the other ranks and close the group before exiting: a rank that
+    exits while gloo still holds connections to the others can abort ("terminate called ...")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def entry() -> None:
