@@ -103,7 +103,7 @@ def make_sweep(tmp_path: Path, jobs: list[dict], name: str = "sweep") -> tuple[P
             artifacts["evaluate"] = make_eval(root, tag, job["scores"], job["slope"], baseline=base)
         made[n] = artifacts
         config = {"method": {"name": job["method"], "loss": job["method"], "beta": job.get("beta", 0.3),
-                             "lambda_": job.get("lambda_")},
+                             "lambda_": job.get("lambda_"), **job.get("method_extra", {})},
                   "pairing": {"bucket_filter": None}, "seed": job.get("seed", 0), "sweep_name": name}
         record = {"sweep_name": name, "method": job["method"], "config": config, "status": job.get("status", "ok"),
                   "artifacts": {s: {"key": a.key, "path": str(a.path), "cached": False} for s, a in artifacts.items()}}
@@ -224,6 +224,25 @@ def test_f7_and_mean_std_only_when_beta_varies(tmp_path):
     assert rows["dpo (beta=0.1)"][-1] == "0.1250 ± 0.0354"
     assert rows["dpo (beta=1)"][-1] == "1.0250 ± 0.0354"
     assert rows["reference"][-1] == "0.3750"
+
+
+def test_leaderboard_states_every_method_setting(tmp_path):
+    """Each row names the loss and all of the method's hyper-parameters from the run records, also those
+    that every job shares (not only what the label shows); capability flags and unset values are left out."""
+    jobs = [{"method": "dpop", "lambda_": 50, "seed": seed, "slope": 0.1, "scores": {"arith_mc": 0.5, "arith_gen": 0.5}}
+            for seed in (0, 1)]
+    jobs.append({"method": "bnf", "beta": None, "slope": 0.2, "scores": {"arith_mc": 0.25, "arith_gen": 0.75},
+                 "method_extra": {"normalisation": "batch_min", "guards": True, "needs_vocab_term": True}})
+    sweep_dir, _ = make_sweep(tmp_path, jobs)
+    paths = leaderboard.make(collect(sweep_dir), tmp_path / "fig")
+    lines = (tmp_path / "fig" / "f6_leaderboard.md").read_text().splitlines()
+    assert lines[0] == "| method | loss | settings | arith_mc | arith_gen | average |"
+    assert lines[1] == "|---|---|---|---:|---:|---:|"
+    assert lines[2:] == ["| reference | – | base model, untrained | 0.5000 | 0.2500 | 0.3750 |",
+                         "| dpop | dpop | beta=0.3, lambda_=50 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |",
+                         "| bnf | bnf | guards=True, normalisation=batch_min | 0.2500 | 0.7500 | 0.5000 |"]
+    tex = next(p for p in paths if p.suffix == ".tex").read_text()
+    assert r"\begin{tabular}{lllrrr}" in tex and r"bnf & bnf & guards=True, normalisation=batch\_min & 0.2500" in tex
 
 
 def test_missing_inputs_skip_cleanly(tmp_path):
