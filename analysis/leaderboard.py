@@ -3,20 +3,27 @@
 Each cell is the task's headline metric (``scores.json`` "headline") of the evaluate
 artifact; with several seeds per setting, "mean ± std" over seeds. Written as
 Markdown and LaTeX tables and a grouped bar chart. ``preference_table`` gives the
-held-out preference metrics per method in the same shape, for the report.
+held-out preference metrics per method in the same shape, for the report. Each row also states what
+was compared: the loss and every hyper-parameter of the method as the run record resolved it
+(``loss``, ``settings`` columns), not only the ones that vary in the sweep.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis.collect import REFERENCE
+from analysis.collect import REFERENCE, format_value
 from analysis.plotting import colors, mean_pm_std, nonempty, ordered_labels, plt, save, seed_stats
 
 NAME = "f6_leaderboard"
+# Columns before the scores: the row's label, the loss and the method's hyper-parameters.
+TEXT_COLUMNS = ("method", "loss", "settings")
+# Method-file keys that are not hyper-parameters (the label, and flags fixed per loss).
+NOT_SETTINGS = ("name", "loss", "needs_reference", "needs_vocab_term", "accepts_unpaired")
 PREFERENCE_METRICS = {
     "pairs/reward_accuracy": "reward accuracy",
     "pairs/rho_chosen_mean": "mean rho(chosen)",
@@ -68,25 +75,52 @@ def preference_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return _stats_table(tables, PREFERENCE_METRICS)
 
 
-def _wide(tables: dict[str, pd.DataFrame], long: pd.DataFrame, digits: int) -> tuple[list[str], list[list[str]]]:
+def method_settings(tables: dict[str, pd.DataFrame]) -> dict[str, tuple[str, str]]:
+    """label -> (loss, "beta=0.3, lambda_=50"): every hyper-parameter of the jobs' method config.
+
+    Jobs pooled under one label differ only by seeds, so they share one setting; should they not, every
+    distinct one is listed (joined by " / ")."""
+    out: dict[str, tuple[str, str]] = {}
+    jobs = tables.get("jobs", pd.DataFrame())
+    for label, group in jobs.groupby("label", sort=False) if "config" in jobs else []:
+        found = []
+        for config in group["config"].dropna():
+            method = json.loads(config).get("method") or {}
+            settings = ", ".join(f"{key}={format_value(value)}" for key, value in method.items()
+                                 if key not in NOT_SETTINGS and value is not None)
+            found.append((str(method.get("loss", method.get("name", "?"))), settings or "none"))
+        found = list(dict.fromkeys(found))
+        if found:
+            out[label] = (" / ".join(dict.fromkeys(f[0] for f in found)), " / ".join(dict.fromkeys(f[1] for f in found)))
+    return out
+
+
+def _titles(long: pd.DataFrame) -> list[str]:
     titles = list(dict.fromkeys(long["column"]))
     if "average" in titles:  # average last, as in Smaug's table
         titles = [t for t in titles if t != "average"] + ["average"]
+    return titles
+
+
+def _wide(tables: dict[str, pd.DataFrame], long: pd.DataFrame, digits: int) -> tuple[list[str], list[list[str]]]:
+    titles = _titles(long)
     labels = ordered_labels(tables, long["label"])
     labels = sorted(labels, key=lambda label: not label.startswith(REFERENCE))
+    settings = method_settings(tables)
     body = []
     for label in labels:
-        cells = [label]
+        base = label.startswith(REFERENCE)
+        cells = [label, *settings.get(label, ("–", "base model, untrained" if base else "–"))]
         for title in titles:
             match = long[(long["label"] == label) & (long["column"] == title)]
             cells.append(mean_pm_std(*match.iloc[0][["mean", "std", "count"]], digits=digits) if len(match) else "–")
         body.append(cells)
-    return ["method"] + titles, body
+    return list(TEXT_COLUMNS) + titles, body
 
 
 def markdown(header: list[str], body: list[list[str]], numeric: bool = True) -> str:
-    """A Markdown table; ``numeric`` right-aligns every column after the first."""
-    align = ["---"] + ["---:" if numeric else "---"] * (len(header) - 1)
+    """A Markdown table; ``numeric`` right-aligns every column after the first but the text columns."""
+    align = ["---"] + ["---:" if numeric and title not in TEXT_COLUMNS else "---" for title in header[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
@@ -98,7 +132,7 @@ def latex(header: list[str], body: list[list[str]], caption: str) -> str:
         for char in "_&%#$":
             text = text.replace(char, "\\" + char)
         return text.replace("±", r"$\pm$").replace("–", "--")
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "".join("l" if h in TEXT_COLUMNS else "r" for h in header) + "}", r"\toprule",
              " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(c) for c in row) + r" \\" for row in body]
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(caption)}}}", r"\end{table}"]
@@ -115,8 +149,7 @@ def report_tables(tables: dict[str, pd.DataFrame]) -> dict[str, tuple[list[str],
 
 
 def _bar_chart(tables: dict[str, pd.DataFrame], long: pd.DataFrame, out_dir: Path) -> list[Path]:
-    header, _ = _wide(tables, long, 4)
-    titles = header[1:]
+    titles = _titles(long)
     labels = sorted(ordered_labels(tables, long["label"]), key=lambda label: not label.startswith(REFERENCE))
     palette = colors(labels)
     width = 0.8 / len(labels)

@@ -41,9 +41,10 @@ STOP_SEQUENCES = ["Question:", "</s>", "<|im_end|>", "<|endoftext|>"]
 
 
 def local_suite_settings(eval_cfg: DictConfig) -> dict[str, Any]:
-    """The eval keys that change the task files (and so the suite key)."""
+    """The eval keys that change the task files (and so the suite key): not the headline metrics."""
+    tasks = OmegaConf.to_container(eval_cfg.tasks, resolve=True)
     return {
-        "tasks": OmegaConf.to_container(eval_cfg.tasks, resolve=True),
+        "tasks": {name: {k: v for k, v in spec.items() if k != "headline"} for name, spec in tasks.items()},
         "fewshot_pool": int(eval_cfg.fewshot_pool),
         "max_gen_toks": int(eval_cfg.max_gen_toks),
     }

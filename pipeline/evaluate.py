@@ -7,7 +7,17 @@ Two evaluation artifacts per run when "train" is among the stages:
   (``extra["baseline"] = {"key", "path"}``) so analysis can put the two side by side.
 Without "train" the stage returns the baseline itself.
 
-Artifact files:
+Each evaluation is two artifacts, so that the expensive part depends only on what changes it:
+- ``lm_eval/<key>`` (lm-eval's scores and samples), keyed by the weights (model or train artifact), the
+  settings simple_evaluate receives, the task names, ``model.dtype`` and, for the local suite, the suite
+  artifact's key (the held-out items' content): not the pairs, bucket edges, ``train.max_length``, the
+  headline metrics or ``eval.name``. Re-bucketing reruns no benchmark (``open_llm_v1`` takes hours);
+- ``evaluate/<key>``, keyed by everything (pair, reference, scoring settings): the preference metrics
+  (seconds) plus copies of the lm-eval files, so readers find every file in one place; its manifest names
+  the ``lm_eval`` artifact (``extra["lm_eval"]``).
+
+Artifact files of ``evaluate`` (``lm_eval`` holds ``lm_eval_results.json``, ``samples/`` and the flat scores
+``lm_eval_scores.json``):
 - ``lm_eval_results.json``: lm-eval's raw results (versions, n-shot, task configs, config incl. batch
   size, limit and seeds) plus ``prefopt_settings`` (chat template, few-shot seed, shots, limit, batch).
 - ``scores.json``: {"tasks": {task: {metric: value}}, "headline": {task: metric}, "average": plain
@@ -203,6 +213,18 @@ def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, refere
     return summary
 
 
+def lm_eval_subset(cfg: DictConfig, label: str, suite_key: str | None) -> dict[str, Any]:
+    """The ``lm_eval`` artifact's settings: what changes lm-eval's scores, nothing else.
+
+    The arguments simple_evaluate receives, the task names, the dtype the weights load in, and for the
+    local suite the suite artifact's key (its items' content, shots, pool and generation budget). Not the
+    headline metrics (they only pick what enters the average), labels, pairs, buckets or train.max_length.
+    """
+    settings = eval_settings(cfg.eval)
+    return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]),
+            "suite_key": suite_key, "model": label, "model_dtype": str(cfg.model.dtype)}
+
+
 def config_subset(cfg: DictConfig, label: str) -> dict[str, Any]:
     """No method, train or run-seed keys: the baseline is shared by every job of a sweep; ``eval.name`` is a label."""
     settings = {k: v for k, v in eval_settings(cfg.eval).items() if k != "name"}
@@ -241,8 +263,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
     lm_artifact = None
     if settings["suite"] != "none":  # tasks first: a missing dataset stops us before any model loads
         manager, tasks, provenance = load_tasks(settings, pair, root)
-        lm_subset = {"eval": subset["eval"], "model": label, "model_dtype": subset["model_dtype"],
-                     "suite": (provenance.get("suite") or {}).get("key")}
+        lm_subset = lm_eval_subset(cfg, label, (provenance.get("suite") or {}).get("key"))
 
         def compute_lm_eval(workdir: Path) -> dict[str, Any]:
             model = load_causal_lm(model_source, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")

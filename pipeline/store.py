@@ -91,6 +91,9 @@ def summary(entry: Entry) -> str:
         return f"{method.get('name')} ({params}), seed {get('seed')}, steps {get('train', 'max_steps')}"
     if stage == "evaluate":
         return f"{entry.manifest.get('model', '?')} model, suite {get('eval', 'suite')}, limit {get('eval', 'limit')}"
+    if stage == "lm_eval":
+        arguments = get("arguments") or {}
+        return f"{entry.manifest.get('model', '?')} model, tasks {', '.join(get('tasks') or [])}, limit {arguments.get('limit')}"
     if stage == "analyse":
         return f"report of {get('method', 'name')}"
     if stage == "eval_suite":

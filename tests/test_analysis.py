@@ -103,7 +103,7 @@ def make_sweep(tmp_path: Path, jobs: list[dict], name: str = "sweep") -> tuple[P
             artifacts["evaluate"] = make_eval(root, tag, job["scores"], job["slope"], baseline=base)
         made[n] = artifacts
         config = {"method": {"name": job["method"], "loss": job["method"], "beta": job.get("beta", 0.3),
-                             "lambda_": job.get("lambda_")},
+                             "lambda_": job.get("lambda_"), **job.get("method_extra", {})},
                   "pairing": {"bucket_filter": None}, "seed": job.get("seed", 0), "sweep_name": name}
         record = {"sweep_name": name, "method": job["method"], "config": config, "status": job.get("status", "ok"),
                   "artifacts": {s: {"key": a.key, "path": str(a.path), "cached": False} for s, a in artifacts.items()}}
@@ -172,7 +172,12 @@ def test_python_m_analysis_writes_every_figure_table_and_report(sweep, capsys):
         for suffix in (".png", ".pdf"):
             assert (figures / f"{stem}{suffix}").stat().st_size > 1000, stem + suffix
     assert not list(figures.glob("f7_*"))  # beta and lambda do not vary
-    assert_plotted_values_match_the_tidy_table(collect(sweep_dir))
+    tables = collect(sweep_dir)
+    assert_plotted_values_match_the_tidy_table(tables)
+    assert_f1_histograms_match_the_pair_table(tables)
+    assert_violins_match_the_pair_table(tables, "f4_loglik_shift", "rho_chosen", "rho_rejected")
+    assert_violins_match_the_pair_table(tables, "f5_logit_shift", "chosen_logit_shift", "rejected_logit_shift")
+    assert_leaderboard_bars_match_the_results(tables)
     table = (figures / "f6_leaderboard.md").read_text()
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert list(lines) == ["reference", "dpo", "dpop"]
@@ -200,12 +205,44 @@ def test_f7_and_mean_std_only_when_beta_varies(tmp_path):
     assert fig_beta_lambda.varied(tables) == [("dpo", "beta")]
     paths = fig_beta_lambda.make(tables, tmp_path / "fig")
     assert sorted(p.name for p in paths) == ["f7_beta_lambda.pdf", "f7_beta_lambda.png"]
+    from analysis.plotting import DRAWN
+    titles = {"eval average": "eval/average", "held-out reward accuracy": "pairs/reward_accuracy",
+              "held-out mean rho(chosen)": "pairs/rho_chosen_mean", "final chosen log-prob shift": "probes/final/chosen_shift"}
+    results = tables["results"]
+    for ax in DRAWN["f7_beta_lambda"].axes:  # each point: the mean over seeds of the metric at that beta
+        rows = results[(results["method"] == "dpo") & (results["metric"] == titles[ax.get_title()])]
+        expected = rows.groupby("beta")["value"].mean()
+        (line,) = [c.lines[0] for c in ax.containers if c.get_label() == "dpo"]  # errorbar's data line
+        assert list(line.get_xdata()) == [0.1, 1.0] == list(expected.index)
+        assert list(line.get_ydata()) == pytest.approx(list(expected.values)), ax.get_title()
+    eval_axes = [ax for ax in DRAWN["f7_beta_lambda"].axes if ax.get_title() == "eval average"]
+    (line,) = [c.lines[0] for c in eval_axes[0].containers if c.get_label() == "dpo"]
+    assert list(line.get_ydata()) == pytest.approx([0.125, 1.025])  # by hand: beta + 0.05 * mean seed
     table = dict(leaderboard.report_tables(tables))["leaderboard"]
     rows = {r[0]: r for r in table[1]}
     # two seeds per beta: average = beta + 0.05*seed -> mean beta + 0.025, std 0.0354
     assert rows["dpo (beta=0.1)"][-1] == "0.1250 ± 0.0354"
     assert rows["dpo (beta=1)"][-1] == "1.0250 ± 0.0354"
     assert rows["reference"][-1] == "0.3750"
+
+
+def test_leaderboard_states_every_method_setting(tmp_path):
+    """Each row names the loss and all of the method's hyper-parameters from the run records, also those
+    that every job shares (not only what the label shows); capability flags and unset values are left out."""
+    jobs = [{"method": "dpop", "lambda_": 50, "seed": seed, "slope": 0.1, "scores": {"arith_mc": 0.5, "arith_gen": 0.5}}
+            for seed in (0, 1)]
+    jobs.append({"method": "bnf", "beta": None, "slope": 0.2, "scores": {"arith_mc": 0.25, "arith_gen": 0.75},
+                 "method_extra": {"normalisation": "batch_min", "guards": True, "needs_vocab_term": True}})
+    sweep_dir, _ = make_sweep(tmp_path, jobs)
+    paths = leaderboard.make(collect(sweep_dir), tmp_path / "fig")
+    lines = (tmp_path / "fig" / "f6_leaderboard.md").read_text().splitlines()
+    assert lines[0] == "| method | loss | settings | arith_mc | arith_gen | average |"
+    assert lines[1] == "|---|---|---|---:|---:|---:|"
+    assert lines[2:] == ["| reference | – | base model, untrained | 0.5000 | 0.2500 | 0.3750 |",
+                         "| dpop | dpop | beta=0.3, lambda_=50 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |",
+                         "| bnf | bnf | guards=True, normalisation=batch_min | 0.2500 | 0.7500 | 0.5000 |"]
+    tex = next(p for p in paths if p.suffix == ".tex").read_text()
+    assert r"\begin{tabular}{lllrrr}" in tex and r"bnf & bnf & guards=True, normalisation=batch\_min & 0.2500" in tex
 
 
 def test_missing_inputs_skip_cleanly(tmp_path):
@@ -292,3 +329,68 @@ def assert_plotted_values_match_the_tidy_table(tables):
             assert list(line.get_ydata()) == pytest.approx(list(expected.values))
             checked += 1
     assert checked >= 4 and heights
+
+
+def assert_f1_histograms_match_the_pair_table(tables):
+    """F1: each panel's bar heights are the pair table's counts in 40 equal bins of [0, 1], per bucket;
+    the dashed lines are the recorded bucket edges, on the bucketing unit's panels only."""
+    from analysis.plotting import DRAWN
+    data = tables["pair_data"]
+    edges = json.loads(tables["pairings"].iloc[0]["bucket_edges"])
+    bins = np.linspace(0, 1, 41)
+    panels = 0
+    for ax in DRAWN["f1_edit_distance"].axes:
+        source = ax.get_title().split(" (n=")[0]
+        column = ax.get_xlabel().split(" ")[0]
+        subset = data[data["source"] == source]
+        assert len(subset) > 0, source
+        stacked = np.zeros(40)
+        for container, bucket in zip(ax.containers, sorted(subset["bucket"].unique(), key=["low", "high"].index)):
+            heights = np.array([patch.get_height() for patch in container.patches])
+            counts, _ = np.histogram(subset.loc[subset["bucket"] == bucket, column], bins=bins)
+            assert heights.tolist() == counts.tolist(), (source, column, bucket)
+            assert [patch.get_y() for patch in container.patches] == stacked.tolist()  # stacked on earlier buckets
+            stacked += counts
+        assert stacked.sum() == len(subset)
+        drawn_edges = [line.get_xdata()[0] for line in ax.get_lines()]
+        assert drawn_edges == (edges if column == "char_ned" else []), (source, column)
+        panels += 1
+    assert panels == 2 * 2  # two sources x (char, token)
+
+
+def assert_violins_match_the_pair_table(tables, name, chosen, rejected):
+    """F4/F5: each violin spans its values' min..max with its mean marked, at label i -0.2 (chosen)
+    / +0.2 (rejected); values from the tidy pairs table, reference excluded."""
+    from analysis.plotting import DRAWN
+    ax = DRAWN[name].axes[0]
+    labels = [tick.get_text() for tick in ax.get_xticklabels()]
+    pairs = tables["pairs"]
+    assert set(labels) == set(pairs.loc[pairs["method"] != "reference", "label"])
+    bodies = [c for c in ax.collections if "Poly" in type(c).__name__]
+    means = [c for c in ax.collections if type(c).__name__ == "LineCollection"]
+    assert len(bodies) == len(means) == 2 * len(labels)
+    for body, mean in zip(bodies, means):
+        vertices = body.get_paths()[0].vertices
+        (x0, y), (x1, _) = mean.get_segments()[0]
+        position = (x0 + x1) / 2
+        i = round(position)
+        side = chosen if position < i else rejected
+        values = pairs.loc[pairs["label"] == labels[i], side].astype(float)
+        assert y == pytest.approx(values.mean()), (name, labels[i], side)
+        assert vertices[:, 1].min() == pytest.approx(values.min()) and vertices[:, 1].max() == pytest.approx(values.max())
+
+
+def assert_leaderboard_bars_match_the_results(tables):
+    """F6's bars: one per label and column, height = the label's headline metric (or average) in results."""
+    from analysis.plotting import DRAWN
+    ax = DRAWN["f6_leaderboard"].axes[0]
+    columns = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert columns == list(TASKS) + ["average"]
+    results = tables["results"]
+    bars = [c for c in ax.containers if hasattr(c, "patches")]
+    assert [c.get_label() for c in bars] == ["reference", "dpo", "dpop"]
+    for container in bars:
+        for column, patch in zip(columns, container.patches):
+            metric = "eval/average" if column == "average" else f"eval/{column}/{TASKS[column]}"
+            rows = results[(results["label"] == container.get_label()) & (results["metric"] == metric)]
+            assert len(rows) == 1 and patch.get_height() == pytest.approx(rows["value"].iloc[0]), (container, column)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import analyse, evaluate, models, pair, reference, train
+from pipeline import analyse, eval_suite, evaluate, models, pair, reference, train
 from pipeline.artifacts import canonical_json
 from pipeline.errors import UserError
 from pipeline.orchestrate import Run
@@ -20,7 +20,10 @@ from tests.conftest import REPO_ROOT, compose_config
 
 SUBSETS = {"model": lambda c: models.config_subset(c.model), "pair": pair.config_subset,
            "reference": reference.config_subset, "train": train.config_subset,
-           "evaluate": lambda c: evaluate.config_subset(c, "trained"), "analyse": analyse.config_subset}
+           "evaluate": lambda c: evaluate.config_subset(c, "trained"), "analyse": analyse.config_subset,
+           # lm-eval's own artifact (the local suite's settings reach it through the suite's key)
+           "eval_suite": lambda c: eval_suite.local_suite_settings(c.eval),
+           "lm_eval": lambda c: evaluate.lm_eval_subset(c, "trained", None)}
 
 # Each leaf of the default config -> the stages whose key it changes. set(): it changes no result: labels
 # (model.name, eval.name, logger.*, sweep_name), where things go (artifacts_dir, stages, recompute),
@@ -50,7 +53,7 @@ DEFAULT = {
     'model.materialize': set(),
     'model.gguf_package': {'model'},
     'model.gguf_file': {'model'},
-    'model.dtype': {'evaluate'},
+    'model.dtype': {'evaluate', 'lm_eval'},
     'model.gradient_checkpointing': set(),
     'model.trust_remote_code': {'model'},
     'model.lora.enabled': {'train'},
@@ -85,22 +88,22 @@ DEFAULT = {
     'train.checkpoint_every': set(),
     'train.progress': set(),
     'eval.name': set(),
-    'eval.suite': {'evaluate'},
-    'eval.tasks.local_mc.source': {'evaluate'},
-    'eval.tasks.local_mc.shape': {'evaluate'},
-    'eval.tasks.local_mc.num_fewshot': {'evaluate'},
+    'eval.suite': {'evaluate', 'lm_eval'},
+    'eval.tasks.local_mc.source': {'evaluate', 'eval_suite'},
+    'eval.tasks.local_mc.shape': {'evaluate', 'eval_suite'},
+    'eval.tasks.local_mc.num_fewshot': {'evaluate', 'eval_suite', 'lm_eval'},
     'eval.tasks.local_mc.headline': {'evaluate'},
-    'eval.tasks.local_gen.source': {'evaluate'},
-    'eval.tasks.local_gen.shape': {'evaluate'},
-    'eval.tasks.local_gen.num_fewshot': {'evaluate'},
+    'eval.tasks.local_gen.source': {'evaluate', 'eval_suite'},
+    'eval.tasks.local_gen.shape': {'evaluate', 'eval_suite'},
+    'eval.tasks.local_gen.num_fewshot': {'evaluate', 'eval_suite', 'lm_eval'},
     'eval.tasks.local_gen.headline': {'evaluate'},
-    'eval.fewshot_pool': {'evaluate'},
-    'eval.max_gen_toks': {'evaluate'},
-    'eval.limit': {'evaluate'},
-    'eval.batch_size': {'evaluate'},
-    'eval.apply_chat_template': {'evaluate'},
+    'eval.fewshot_pool': {'evaluate', 'eval_suite'},
+    'eval.max_gen_toks': {'evaluate', 'eval_suite'},
+    'eval.limit': {'evaluate', 'lm_eval'},
+    'eval.batch_size': {'evaluate', 'lm_eval'},
+    'eval.apply_chat_template': {'evaluate', 'lm_eval'},
     'eval.fewshot_as_multiturn': {'evaluate'},
-    'eval.fewshot_seed': {'evaluate'},
+    'eval.fewshot_seed': {'evaluate', 'lm_eval'},
     'logger.name': set(),
     'logger.project': set(),
     'logger.entity': set(),
@@ -113,7 +116,7 @@ DEFAULT = {
     'sweep_name': set(),
 }
 # With LoRA on, its settings and the frozen base's dtype change what trains (and the scored reference).
-WITH_LORA = {**DEFAULT, "model.dtype": {"reference", "train", "evaluate"}, "model.lora.r": {"train"},
+WITH_LORA = {**DEFAULT, "model.dtype": {"reference", "train", "evaluate", "lm_eval"}, "model.lora.r": {"train"},
              "model.lora.alpha": {"train"}, "model.lora.dropout": {"train"}, "model.lora.target_modules": {"train"}}
 
 

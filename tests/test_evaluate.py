@@ -247,14 +247,35 @@ def test_smollm2_solves_some_local_problems(tmp_path):
 
 
 def test_lm_eval_scores_do_not_depend_on_buckets_or_lengths(trained_run):
-    """Re-bucketing the pairs or changing train.max_length recomputes the preference metrics, not lm-eval."""
+    """Re-bucketing the pairs or changing train.max_length recomputes the preference metrics, not lm-eval;
+    so does a different headline metric; eval.limit changes lm-eval's key."""
     root, record = trained_run
     base = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]
-    base_lm = json.loads((Path(base["path"]) / "manifest.json").read_text())["lm_eval"]["key"]
+    lm_eval = json.loads((Path(base["path"]) / "manifest.json").read_text())["lm_eval"]
+    lm_manifest = (Path(lm_eval["path"]) / "manifest.json").read_text()
     again = run_pipeline(root, root.parent / "run-rebucket", "stages=[pair,reference,evaluate]",
-                         "pairing.bucket_edges=[0.0,0.5,1.0]", "train.max_length=120")
-    evaluation = json.loads((artifact_of(again, "evaluate") / "manifest.json").read_text())
-    assert not again["artifacts"]["evaluate"]["cached"] and evaluation["lm_eval"]["key"] == base_lm
+                         "pairing.bucket_edges=[0.0,0.1,0.5,1.0]", "train.max_length=120")
     assert again["artifacts"]["pair"]["key"] != record["artifacts"]["pair"]["key"]
+    evaluation = artifact_of(again, "evaluate")
+    assert not again["artifacts"]["evaluate"]["cached"] and evaluation != Path(base["path"])
+    assert json.loads((evaluation / "manifest.json").read_text())["lm_eval"] == lm_eval
+    assert (Path(lm_eval["path"]) / "manifest.json").read_text() == lm_manifest  # cached, not recomputed
+    # the preference part did recompute: the new pairing's three buckets
+    pairs = pd.read_parquet(artifact_of(again, "pair") / "pairs.parquet")
+    table = pd.read_parquet(evaluation / "preference_pairs.parquet")
+    assert table["bucket"].tolist() == pairs.loc[pairs["split"] == "test", "bucket"].tolist()
+    assert set(json.loads((evaluation / "preference.json").read_text())["by_bucket"]) == set(table["bucket"])
+    assert set(table["bucket"]) <= {"b0", "b1", "b2"}
+    # the lm-eval files the evaluate artifact carries are lm-eval's
+    assert (evaluation / "lm_eval_results.json").read_text() == (Path(lm_eval["path"]) / "lm_eval_results.json").read_text()
+
+    headline = run_pipeline(root, root.parent / "run-headline", "stages=[evaluate]", "eval.tasks.local_mc.headline=acc_norm")
+    scores = json.loads((artifact_of(headline, "evaluate") / "scores.json").read_text())
+    assert json.loads((artifact_of(headline, "evaluate") / "manifest.json").read_text())["lm_eval"] == lm_eval
+    assert scores["average"] == pytest.approx((scores["tasks"]["local_mc"]["acc_norm"]
+                                               + scores["tasks"]["local_gen"]["exact_match_strict-match"]) / 2)
+
     limited = run_pipeline(root, root.parent / "run-limit", "stages=[pair,reference,evaluate]", "eval.limit=2")
-    assert json.loads((artifact_of(limited, "evaluate") / "manifest.json").read_text())["lm_eval"]["key"] != base_lm
+    limited_lm = json.loads((artifact_of(limited, "evaluate") / "manifest.json").read_text())["lm_eval"]
+    assert limited_lm["key"] != lm_eval["key"]
+    assert len((Path(limited_lm["path"]) / "samples" / "local_mc.jsonl").read_text().splitlines()) == 2
