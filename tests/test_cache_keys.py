@@ -482,7 +482,7 @@ def test_a_forced_recompute_never_leaves_readers_without_the_artifact(tmp_path):
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        for round_ in range(150):
+        for round_ in range(15):
             with forcing(["adhoc"], f"invocation-{round_}"):
                 assert not build(tmp_path, "adhoc", {}, {}, compute).cached
     finally:
