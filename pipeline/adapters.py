@@ -141,10 +141,10 @@ def load_local(path: str | Path, limit: int | None = None) -> Loaded:
     return Loaded(records[:limit] if limit else records, str(path))
 
 
-def load_hub(hub_id: str, split: str, limit: int | None = None) -> Loaded:
+def load_hub(hub_id: str, split: str, limit: int | None = None, revision: str | None = None) -> Loaded:
     try:
         import datasets
-        dataset = datasets.load_dataset(hub_id, split=split)
+        dataset = datasets.load_dataset(hub_id, split=split, revision=revision)
     except Exception as error:  # offline, unknown id, missing split: one line for the user either way
         reason = " ".join(str(error).split())[:200]
         raise UserError(f"data.hub_id={hub_id} split={split}: cannot load from the Hugging Face hub "
@@ -152,7 +152,7 @@ def load_hub(hub_id: str, split: str, limit: int | None = None) -> Loaded:
                         f"download the file and use data=local data.path=<file> (JSONL, JSON, Parquet or CSV)") from None
     if limit:
         dataset = dataset.select(range(min(int(limit), len(dataset))))
-    return Loaded(dataset.to_list(), f"{hub_id}:{split}")
+    return Loaded(dataset.to_list(), f"{hub_id}@{revision}:{split}" if revision else f"{hub_id}:{split}")
 
 
 # ---------------------------------------------------------------- field access

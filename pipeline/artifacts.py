@@ -6,8 +6,12 @@ closure and the library versions its numbers depend on —, the config subset th
 upstream keys), so a sweep shares every artifact whose inputs agree, a rerun skips finished work,
 and editing the code recomputes exactly what depends on it. Numbers are canonical in the key
 (``beta=1`` and ``beta=1.0`` are one key). Logger settings, labels, paths and sweep names must
-never enter a config subset. ``forcing(stages)`` recomputes named stages even when their artifact
-exists (``recompute=[...]``): the new one replaces the old under the same key.
+never enter a config subset. ``forcing(stages, invocation)`` recomputes named stages even when their
+artifact exists (``recompute=[...]``): the new one replaces the old under the same key (so downstream
+keys do not change and downstream stages are not recomputed unless named too), once per command.
+
+There is no hand-bumped version in the key any more: the code identity replaces it. Readers need no
+schema version either: an artifact's files are read only by the code whose hash is in its key.
 
 A stage computes into ``<root>/<stage>/<key>.partial/`` under a file lock and the
 directory is renamed into place only after ``manifest.json`` is written: a
@@ -21,11 +25,13 @@ manifest; the others compute in the same partial directory and write nothing.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +41,7 @@ from typing import Any, Callable, Sequence
 
 from filelock import FileLock
 
-from pipeline.code_version import code_identity
+from pipeline.code_version import STAGE_MODULES, code_identity, is_project_module
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -61,11 +67,14 @@ class Artifact:
 
 
 def canonical(value: Any) -> Any:
-    """Equal numbers compare equal: every int (not bool) becomes a float, recursively."""
+    """Equal numbers compare equal: a float with an integral value becomes that int (exact, unlike
+    sending every int through float, which would merge integers above 2**53), recursively."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, int):
+        return value
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -83,19 +92,75 @@ def artifact_key(stage: str, config: dict[str, Any], upstream: dict[str, str], c
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
-_FORCED: set[str] = set()
+_FORCED: dict[str, str] = {}  # stage -> the invocation that forces it
 
 
 @contextmanager
-def forcing(stages: Sequence[str]):
-    """Within this block, ``build`` recomputes these stages even when their artifact exists."""
-    previous = set(_FORCED)
-    _FORCED.update(stages)
+def forcing(stages: Sequence[str], invocation: str):
+    """Within this block, ``build`` recomputes these stages even when their artifact exists.
+
+    ``invocation`` names the command that asked (a run's or a multirun's folder): an artifact it has
+    already recomputed (its manifest says ``forced_by``) is reused, so the jobs of one sweep that
+    share an artifact recompute it once, not once per job.
+    """
+    previous = dict(_FORCED)
+    _FORCED.update({stage: str(invocation) for stage in stages})
     try:
         yield
     finally:
         _FORCED.clear()
         _FORCED.update(previous)
+
+
+def _needs_recompute(existing: Artifact | None, stage: str) -> bool:
+    if existing is None:
+        return True
+    return stage in _FORCED and existing.manifest.get("forced_by") != _FORCED[stage]
+
+
+def _calling_module() -> str | None:
+    """The module that called ``build`` (past this module's own frames)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    return frame.f_globals.get("__name__") if frame is not None else None
+
+
+def stage_code(stage: str, caller: str | None) -> dict[str, Any] | None:
+    """The code identity that enters ``stage``'s key; a project module building an unregistered stage is a bug."""
+    if stage not in STAGE_MODULES and is_project_module(caller):
+        raise RuntimeError(f"{caller} builds stage {stage!r}, which pipeline/code_version.py does not know: add it to "
+                           "STAGE_MODULES and STAGE_LIBRARIES so that its key follows its code")
+    return code_identity(stage)
+
+
+def _swap_into_place(workdir: Path, final: Path) -> None:
+    """Move ``workdir`` to ``final``; an existing ``final`` (a forced recompute's old artifact, or a
+    manifest-less leftover) is exchanged atomically where the filesystem can (renameat2), so readers
+    always find a complete artifact there, then deleted."""
+    if not final.exists():
+        os.replace(workdir, final)
+        return
+    retired = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+    if _exchange(workdir, final):
+        os.replace(workdir, retired)  # workdir now holds the old artifact
+    else:  # two renames: for an instant there is no artifact (a reader waits on the lock and finds the new one)
+        os.replace(final, retired)
+        os.replace(workdir, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
 
 
 def sha256_file(path: Path) -> str:
@@ -157,17 +222,16 @@ def build(
     """
     root = Path(root)
     upstream_keys = {name: art.key for name, art in sorted(upstream.items())}
-    code = code_identity(stage)
+    code = stage_code(stage, _calling_module())
     key = artifact_key(stage, config, upstream_keys, code)
-    force = stage in _FORCED
     existing = find(root, stage, key)
-    if existing and not force:
+    if not _needs_recompute(existing, stage):
         return existing
     stage_dir = root / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(stage_dir / f"{key}.lock")):
-        existing = find(root, stage, key)  # another process may have finished it while we waited
-        if existing and not force:
+        existing = find(root, stage, key)  # another process may have finished (or recomputed) it while we waited
+        if not _needs_recompute(existing, stage):
             return existing
         workdir = stage_dir / f"{key}.partial"
         if workdir.exists() and not resumable:
@@ -184,7 +248,7 @@ def build(
             "stage": stage,
             "key": key,
             "code": code,
-            "forced": force,
+            "forced_by": _FORCED.get(stage),  # the run or sweep folder of a recompute=[...] that made it
             "config": config,
             "upstream": upstream_keys,
             "git": git_state(),
@@ -196,13 +260,7 @@ def build(
         }
         (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         final = stage_dir / key
-        if final.exists():  # a manifest-less leftover, or the artifact a forced recompute replaces
-            retired = stage_dir / f"{key}.replaced-{os.getpid()}"
-            os.replace(final, retired)
-            os.replace(workdir, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(workdir, final)
+        _swap_into_place(workdir, final)
     return Artifact(stage, key, final, cached=False)
 
 

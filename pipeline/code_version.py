@@ -2,10 +2,16 @@
 
 A stage's artifact key includes ``code_identity(stage)``: a sha256 over the source of the stage's
 module and every project module it imports, transitively (the import closure inside the
-``pipeline`` and ``analysis`` packages, read from the code with ``ast``, imports inside functions
-included), plus the versions of the libraries listed for that stage. Editing a loss therefore
-recomputes training and everything downstream of it, and nothing upstream; editing the README or a
-test recomputes nothing. Computed once per process.
+``pipeline`` and ``analysis`` packages, read from the code with ``ast``: imports inside functions,
+relative imports, ``from pipeline import x`` and ``importlib.import_module("pipeline.x")`` with a
+literal name included; the ``__init__`` of every package on the way, which runs on import), plus
+the versions of the libraries listed for that stage. Editing a loss therefore recomputes training
+and, through the upstream keys, everything downstream of it, and nothing upstream; editing the
+README or a test recomputes nothing. Editing a module every stage imports (``pipeline/artifacts.py``,
+``pipeline/errors.py``) recomputes everything: conservative, never stale.
+
+Modules are found on disk from the packages' folders, never imported: the closure of every stage
+costs milliseconds and loads no library. Computed once per process.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 
 PROJECT_PACKAGES = ("pipeline", "analysis")
+# The module whose ``build`` call computes each stage's artifact (``artifacts.build`` looks it up; a
+# project module that builds a stage missing here is stopped: its key would not follow its code).
 STAGE_MODULES = {
     "model": "pipeline.models", "pair": "pipeline.pair", "reference": "pipeline.reference",
     "train": "pipeline.train", "eval_suite": "pipeline.eval_suite", "evaluate": "pipeline.evaluate",
@@ -27,29 +35,55 @@ STAGE_MODULES = {
 # Libraries whose behaviour changes a stage's numbers (their versions enter its key).
 STAGE_LIBRARIES = {
     "model": ("torch", "transformers", "tokenizers", "gguf", "safetensors"),
-    "pair": ("tokenizers", "transformers", "rapidfuzz", "pandas", "pyarrow", "datasets"),
+    "pair": ("tokenizers", "transformers", "rapidfuzz", "numpy", "pandas", "pyarrow", "datasets"),
     "reference": ("torch", "transformers", "tokenizers"),
     "train": ("torch", "transformers", "tokenizers", "accelerate", "peft"),
     "eval_suite": ("lm-eval",),
     "evaluate": ("torch", "transformers", "tokenizers", "lm-eval", "datasets"),
     "lm_eval": ("torch", "transformers", "tokenizers", "lm-eval", "datasets"),
-    "analyse": ("pandas", "matplotlib"),
+    "analyse": ("numpy", "pandas", "matplotlib"),
 }
 
 
-def _source_file(module: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+@lru_cache(maxsize=None)
+def _package_dir(package: str) -> Path | None:
+    """Folder of a top-level project package (find_spec of a top-level name imports nothing)."""
+    if package not in PROJECT_PACKAGES:
         return None
-    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
-def _imported(module: str, path: Path) -> set[str]:
-    """Project modules named by the import statements of one file (anywhere in it)."""
+@lru_cache(maxsize=None)
+def _source_file(module: str) -> Path | None:
+    """The .py file of a project module (a package's ``__init__.py``), or None (not a module of ours)."""
+    top, *rest = module.split(".")
+    root = _package_dir(top)
+    if root is None or not all(part.isidentifier() for part in rest):
+        return None
+    base = root.joinpath(*rest)
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return base.with_suffix(".py") if rest and base.with_suffix(".py").is_file() else None
+
+
+def _statements(nodes: list[ast.AST]):
+    """Every statement, nested ones included (an import is a statement: expressions never hold one)."""
+    for node in nodes:
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, field, None) or [])
+
+
+@lru_cache(maxsize=None)
+def _imported(module: str, path: Path) -> frozenset[str]:
+    """Project modules named by the import statements of one file (anywhere in it, functions included)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    source = path.read_text()
+    tree = ast.parse(source, filename=str(path))
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _statements(tree.body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -59,12 +93,23 @@ def _imported(module: str, path: Path) -> set[str]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pipeline import losses`
-    return {name for name in found if name.split(".")[0] in PROJECT_PACKAGES and _source_file(name)}
+    if "import_module" in source:  # importlib.import_module("pipeline.x") with a literal name
+        found.update(node.args[0].value for node in ast.walk(tree)
+                     if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                     and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+    modules = set()
+    for name in found:
+        parts = name.split(".")
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(name for name in modules if _source_file(name) is not None)
 
 
 @lru_cache(maxsize=None)
 def import_closure(module: str) -> tuple[str, ...]:
-    seen, todo = set(), [module]
+    """The project modules that run when ``module`` runs: itself and what it imports, transitively."""
+    seen: set[str] = set()
+    todo = [module] + [module.rsplit(".", i)[0] for i in range(1, module.count(".") + 1)]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -73,22 +118,28 @@ def import_closure(module: str) -> tuple[str, ...]:
         path = _source_file(name)
         if path is not None:
             todo.extend(_imported(name, path) - seen)
-    return tuple(sorted(seen))
+    return tuple(sorted(name for name in seen if _source_file(name) is not None))
+
+
+@lru_cache(maxsize=None)
+def library_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: library_version(name) for name in names}
+
+
+def is_project_module(module: str | None) -> bool:
+    return bool(module) and module.split(".")[0] in PROJECT_PACKAGES
 
 
 @lru_cache(maxsize=None)
 def code_identity(stage: str) -> dict | None:
-    """{"hash", "modules", "libraries"} for a known stage; None for others (ad-hoc stages in tests)."""
+    """{"hash", "modules", "libraries"} for a known stage; None for others (ad-hoc stages built by tests)."""
     module = STAGE_MODULES.get(stage)
     if module is None:
         return None
@@ -96,6 +147,6 @@ def code_identity(stage: str) -> dict | None:
     digest = hashlib.sha256()
     for name in modules:
         digest.update(name.encode() + b"\0" + _source_file(name).read_bytes() + b"\0")
-    libraries = library_versions(STAGE_LIBRARIES.get(stage, ()))
+    libraries = library_versions(STAGE_LIBRARIES[stage])
     digest.update(repr(sorted(libraries.items())).encode())
     return {"hash": digest.hexdigest()[:16], "modules": list(modules), "libraries": libraries}

@@ -7,7 +7,8 @@ Sources (``model.source``):
   transformers and saved as safetensors (reload 0.2 s instead of ~20 s).
 - ``hub``: a Hugging Face hub id. With ``model.materialize: true`` the weights are copied into the
   artifact; with ``false`` (7B presets) only ``source.json`` {hub_id, revision} is written and the
-  model loads in place from the HF cache.
+  model loads in place from the HF cache. ``model.revision`` (null = "main") is resolved to its commit
+  sha (pipeline/hub_revision.py), which enters the key and the artifact.
 - ``auto``: ``hub`` unless ``HF_HUB_OFFLINE=1``, then ``gguf``. The RESOLVED source enters the key,
   so an online and an offline run never share an artifact.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -29,8 +29,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import Artifact, build
-from pipeline.environment import env_flag
 from pipeline.errors import UserError
+from pipeline.hub_revision import hub_offline, resolve_revision
 
 STAGE = "model"
 MODEL_DIR = "model"
@@ -44,10 +44,6 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-
-def hub_offline() -> bool:
-    return env_flag("HF_HUB_OFFLINE")
 
 
 def resolve_source(model_cfg: DictConfig) -> dict[str, Any]:
@@ -79,39 +75,20 @@ def config_subset(model_cfg: DictConfig) -> dict[str, Any]:
     return {"source": resolve_source(model_cfg), "trust_remote_code": bool(model_cfg.trust_remote_code)}
 
 
-def resolve_revision(repo_id: str, revision: str, repo_type: str = "model") -> str:
-    """The commit sha a hub branch or tag points to now, so a repository that moves gets a new key.
-
-    A 40-hex revision is already a commit. Online, the hub answers; offline, the local HF cache's
-    ``refs/<revision>`` file (what a previous download recorded) does. Neither: one line.
-    """
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    if not hub_offline():
-        try:
-            from huggingface_hub import HfApi
-            info = (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(repo_id, revision=revision)
-            return str(info.sha)
-        except Exception as error:  # unreachable or unknown: fall back to the cache below
-            reason = f"{type(error).__name__}"
-    else:
-        reason = "HF_HUB_OFFLINE=1"
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs" / revision
-    if ref.is_file():
-        return ref.read_text().strip()
-    key = "model.hub_id" if repo_type == "model" else "data.hub_id"
-    raise UserError(f"{key}={repo_id!r} revision {revision!r}: cannot resolve it to a commit ({reason}) and it is not "
-                    f"in the local HF cache ({constants.HF_HUB_CACHE}); run once with hub access or pin a commit sha")
+def resolved_subset(model_cfg: DictConfig) -> dict[str, Any]:
+    """The model key's settings with a hub revision resolved to its commit: the key names the commit, not a
+    branch that can move (new weights under "main" get a new key)."""
+    subset = config_subset(model_cfg)
+    source = subset["source"]
+    if source["kind"] == "hub":
+        source["revision"] = resolve_revision(source["hub_id"], source["revision"], "model", "model.revision")
+    return subset
 
 
 def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     model_cfg = cfg.model
-    subset = config_subset(model_cfg)
+    subset = resolved_subset(model_cfg)
     source = subset["source"]
-    if source["kind"] == "hub":  # the key names the commit, not a branch that can move
-        source["revision"] = resolve_revision(source["hub_id"], source["revision"])
 
     def compute(workdir: Path) -> dict[str, Any]:
         if source["kind"] == "tiny":
@@ -123,7 +100,8 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
             model, tokenizer = load_from_hub(source, bool(model_cfg.trust_remote_code))
         else:
             ensure_hub_reachable(source)
-            (workdir / SOURCE_FILE).write_text(json.dumps({"hub_id": source["hub_id"], "revision": source["revision"]}, indent=2))
+            (workdir / SOURCE_FILE).write_text(json.dumps({"hub_id": source["hub_id"], "revision": source["revision"],
+                                                           "requested_revision": model_cfg.revision or "main"}, indent=2))
             return {"parameters": None, "materialized": False}
         ensure_pad_token(tokenizer)
         with quiet_hf_progress():

@@ -61,6 +61,25 @@ def is_main_process() -> bool:
     return next((int(os.environ[name]) for name in RANK_ENV if os.environ.get(name)), 0) == 0
 
 
+# recompute=[evaluate] recomputes every artifact the evaluate stage builds, not only the last one.
+STAGE_ARTIFACTS = {"evaluate": ("evaluate", "lm_eval", "eval_suite")}
+
+
+def forced_artifacts(stages) -> list[str]:
+    """The artifacts ``recompute=[...]`` recomputes: the named stages' (downstream ones keep their keys and
+    are recomputed only if named too)."""
+    return list(dict.fromkeys(name for stage in stages for name in STAGE_ARTIFACTS.get(stage, (stage,))))
+
+
+def invocation(run_dir: Path) -> str:
+    """The command a run belongs to: a multirun's folder (shared by its jobs), else the run's own folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(Path(to_absolute_path(str(HydraConfig.get().sweep.dir))))
+    return str(Path(run_dir).resolve())
+
+
 def artifacts_root(cfg: DictConfig) -> Path:
     return Path(to_absolute_path(str(cfg.artifacts_dir)))
 
@@ -75,10 +94,8 @@ class Run:
         self.main = is_main_process()
         self.artifacts: dict[str, Artifact] = {}
         self.claimed = False
-        # recompute=[evaluate] also recomputes the local eval suite the evaluation builds on
-        self.forced = list(OmegaConf.select(cfg, "recompute", default=[]) or [])
-        if "evaluate" in self.forced:
-            self.forced.append("eval_suite")  # run.json is ours once the first save has set aside any older record
+        self.forced = forced_artifacts(OmegaConf.select(cfg, "recompute", default=[]) or [])
+        self.invocation = invocation(self.run_dir)
         self.record: dict[str, Any] = {
             "sweep_name": cfg.sweep_name,
             "method": OmegaConf.select(cfg, "method.name"),
@@ -98,7 +115,7 @@ class Run:
         if stage not in self.artifacts:
             upstream = {name: self.get(name) for name in self.upstream_names(stage)}
             module = importlib.import_module(STAGE_MODULES[stage])
-            with forcing(self.forced):
+            with forcing(self.forced, self.invocation):
                 artifact = module.run(self.cfg, upstream, self.root)
             self.artifacts[stage] = artifact
             status = "cached" if artifact.cached else "computed"

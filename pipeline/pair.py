@@ -35,10 +35,12 @@ from pipeline.adapters import Loaded, adapt, load_hub, load_local
 from pipeline.artifacts import Artifact, build
 from pipeline.distance import distances_and_buckets, fallback_tokenize, hf_tokenize
 from pipeline.errors import UserError
+from pipeline.hub_revision import resolve_revision
 
 STAGE = "pair"
 SOURCES = ("synthetic", "local", "hub")
 SYNTHETIC_KEYS = ("name", "source", "seed", "num_problems", "num_eval_items", "kind_mix")
+HUB_KEYS = ("hub_id", "split", "revision")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DISTANCES = ("char_distance", "char_ned", "token_distance", "token_ned")
 
@@ -60,7 +62,13 @@ def split_of(prompt: str, test_fraction: float) -> str:
 
 
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
-    """data.* keys that change the output (generator keys or adapter keys, never a path) + pairing.*."""
+    """data.* keys that change the output (generator keys or adapter keys, never a path) + pairing.*.
+
+    ``data.name`` is a label, but the artifact carries it (the ``source`` column of pairs.parquet, which
+    figure F1 titles its panels with), so it stays in the key: an artifact never holds a label its key
+    does not name. Renaming a dataset recomputes the pairs (seconds); the reference, keyed by the
+    scored text, is reused. The hub revision enters as given here; ``resolved_subset`` makes it a commit.
+    """
     data = OmegaConf.to_container(cfg.data, resolve=True)
     source = data.get("source")
     if source not in SOURCES:
@@ -68,15 +76,29 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
     if source == "synthetic":
         data = {k: data.get(k) for k in SYNTHETIC_KEYS}
     else:
-        data = {k: v for k, v in data.items() if k not in SYNTHETIC_KEYS or k in ("name", "source")}
+        unused = HUB_KEYS if source == "local" else ("path",)  # the other source's location keys
+        data = {k: v for k, v in data.items()
+                if (k not in SYNTHETIC_KEYS or k in ("name", "source")) and k not in unused}
         if source == "local":
             if not data.get("path"):
                 raise UserError("data.path: required for data.source=local (a JSONL, JSON, Parquet or CSV file)")
             # The file's content, not its location, decides the output: moving a file keeps the key.
             data["path"] = "sha256:" + load_local_fingerprint(data["path"])
+        elif not data.get("hub_id"):
+            raise UserError("data.hub_id: required for data.source=hub (a hub dataset id, e.g. Anthropic/hh-rlhf)")
     pairing = OmegaConf.to_container(cfg.pairing, resolve=True)
     pairing.pop("bucket_filter", None)  # a train-stage setting: runs on different buckets share these pairs
     return {"data": data, "pairing": pairing}
+
+
+def resolved_subset(cfg: DictConfig) -> dict[str, Any]:
+    """``config_subset`` with a hub dataset's revision (null = "main") resolved to its commit sha: a
+    re-uploaded dataset gets a new key, and the artifact records the commit it was read at."""
+    subset = config_subset(cfg)
+    data = subset["data"]
+    if data["source"] == "hub":
+        data["revision"] = resolve_revision(str(data["hub_id"]), data.get("revision"), "dataset", "data.revision")
+    return subset
 
 
 def load_local_fingerprint(path: str) -> str:
@@ -105,8 +127,9 @@ def render_prompts(raw: list[str], messages: list[list[dict] | None], tokenizer,
             for r, m in zip(raw, messages)]
 
 
-def load_records(data: DictConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """(pairs, unpaired rows, stats so far, synthetic extras) from the configured source."""
+def load_records(data: DictConfig, revision: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(pairs, unpaired rows, stats so far, synthetic extras) from the configured source (a hub dataset at
+    commit ``revision``)."""
     if data.source == "synthetic":
         from pipeline.synthetic import generate
         generated = generate(int(data.seed), int(data.num_problems), int(data.num_eval_items),
@@ -115,7 +138,8 @@ def load_records(data: DictConfig) -> tuple[list[dict[str, Any]], list[dict[str,
         stats = {"source": "synthetic", "schema": "synthetic_math", "rows_read": len(pairs), "skipped": {}, "bad_rows": []}
         return pairs, [], stats, generated
     limit = int(data.limit) if data.get("limit") else None
-    loaded: Loaded = load_local(data.path, limit) if data.source == "local" else load_hub(data.hub_id, data.split, limit)
+    loaded: Loaded = (load_local(data.path, limit) if data.source == "local"
+                      else load_hub(data.hub_id, data.split, limit, revision=revision))
     opts = {"strategy": data.multi_completion_strategy, "min_score_gap": data.min_score_gap,
             "assistant_marker": data.transcript.assistant_marker, "human_marker": data.transcript.human_marker}
     adapted = adapt(loaded, str(data.schema), OmegaConf.to_container(data.columns, resolve=True), opts)
@@ -124,7 +148,8 @@ def load_records(data: DictConfig) -> tuple[list[dict[str, Any]], list[dict[str,
         first = ", ".join(f"row {r} ({why})" for r, why in adapted.bad_rows[:5])
         raise UserError(f"{loaded.origin}: {skipped} of {adapted.rows_read} rows skipped, more than "
                         f"data.max_bad_fraction={data.max_bad_fraction}; first: {first}")
-    stats = {"source": data.source, "origin": loaded.origin, "schema": adapted.schema, "rows_read": adapted.rows_read,
+    stats = {"source": data.source, "origin": loaded.origin, **({"revision": revision} if revision else {}),
+             "schema": adapted.schema, "rows_read": adapted.rows_read,
              "skipped": dict(adapted.skipped), "bad_rows": adapted.bad_rows[:20]}
     return adapted.pairs, adapted.unpaired, stats, {}
 
@@ -192,12 +217,12 @@ def write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
 
 
 def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
-    subset = config_subset(cfg)
+    subset = resolved_subset(cfg)
     model_upstream = {"model": upstream["model"]} if "model" in upstream else {}
 
     def compute(workdir: Path) -> dict[str, Any]:
         data, pairing = cfg.data, cfg.pairing
-        pairs, unpaired, stats, extras = load_records(data)
+        pairs, unpaired, stats, extras = load_records(data, subset["data"].get("revision"))
         tokenizer = load_tokenizer_of(model_upstream)
         stats["tokenizer"] = "model" if tokenizer is not None else "regex_fallback"
         stats["prompt_format"] = "chat_template" if tokenizer is not None and pairing.apply_chat_template else "plain"
