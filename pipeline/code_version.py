@@ -1,7 +1,8 @@
 """What computes a stage: its modules' source and the libraries its numbers depend on, as one hash.
 
 A stage's artifact key includes ``code_identity(stage)``: a sha256 over the source of the stage's
-module and every project module it imports, transitively (the import closure inside the
+module and every project module it imports (their syntax trees: comments and docstrings do not
+count), transitively (the import closure inside the
 ``pipeline`` and ``analysis`` packages, read from the code with ``ast``: imports inside functions,
 relative imports, ``from pipeline import x`` and ``importlib.import_module("pipeline.x")`` with a
 literal name included; the ``__init__`` of every package on the way, which runs on import), plus
@@ -121,6 +122,24 @@ def import_closure(module: str) -> tuple[str, ...]:
     return tuple(sorted(name for name in seen if _source_file(name) is not None))
 
 
+def _without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(path: Path) -> bytes:
+    """What of a module's source can change a result: its syntax tree without comments, docstrings,
+    blank lines or line numbers (rewording documentation keeps every key; any code edit changes it)."""
+    tree = _without_docstrings(ast.parse(path.read_text(), filename=str(path)))
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 @lru_cache(maxsize=None)
 def library_version(name: str) -> str | None:
     try:
@@ -146,7 +165,7 @@ def code_identity(stage: str) -> dict | None:
     modules = import_closure(module)
     digest = hashlib.sha256()
     for name in modules:
-        digest.update(name.encode() + b"\0" + _source_file(name).read_bytes() + b"\0")
+        digest.update(name.encode() + b"\0" + code_fingerprint(_source_file(name)) + b"\0")
     libraries = library_versions(STAGE_LIBRARIES[stage])
     digest.update(repr(sorted(libraries.items())).encode())
     return {"hash": digest.hexdigest()[:16], "modules": list(modules), "libraries": libraries}
