@@ -18,7 +18,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow pytest smoke sweep figures dashboard bench clean
+.PHONY: help install test test-slow test-crash pytest smoke sweep figures dashboard bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ pytest: install ## Run the fast pytest suite only (unit + tiny-model integration
 
 test-slow: install ## Run the slow tests (SmolLM2, longer integration)
 	$(PY) -m pytest -m "slow" -q
+
+test-crash: install ## SIGKILL pairing, reference scoring and training at several points; reruns must match (a few minutes)
+	$(PY) -m pytest -m "slow" -q tests/test_crash.py
 
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
 	$(PY) -m pipeline sweep=$(SWEEP) $(ARGS)

@@ -18,6 +18,11 @@ directory is renamed into place only after ``manifest.json`` is written: a
 directory without a manifest does not exist. The partial directory survives a
 crash so that resumable stages (training) can pick up their checkpoints.
 
+A published artifact is checked against its manifest every time it is found: every listed file
+present with its size, no file the manifest does not list (a planted task file, say), and the
+sha256 of files up to 1 MiB (``store_verify=full`` hashes every file, ``size`` none). A mismatch
+makes the artifact absent, with one line saying which file, and the stage recomputes it.
+
 A stage that all processes of a distributed launch compute together (DDP training)
 uses ``build_collective``: only the main process takes the lock and writes the
 manifest; the others compute in the same partial directory and write nothing.
@@ -39,13 +44,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from pipeline.code_version import STAGE_MODULES, code_identity, is_project_module
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 12
+VERIFY_MODES = ("size", "small", "full")  # what ``find`` hashes: nothing, files up to SMALL_FILE_BYTES, everything
+SMALL_FILE_BYTES = 1 << 20
+LOCK_NOTICE_AFTER_S = 2.0
 TRACKED_LIBRARIES = (
     "torch", "transformers", "tokenizers", "accelerate", "datasets", "lm-eval",
     "rapidfuzz", "hydra-core", "peft", "prefopt-pipeline",
@@ -193,16 +201,95 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def row_count(path: Path) -> int | None:
+    """Rows of a JSONL or Parquet file (recorded in the manifest so that a published log is checkable)."""
+    if path.suffix == ".jsonl":
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return int(pq.read_metadata(path).num_rows)
+    return None
+
+
 def describe_files(directory: Path) -> list[dict[str, Any]]:
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files.append({"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        entry = {"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        rows = row_count(path)
+        if rows is not None:
+            entry["rows"] = rows
+        files.append(entry)
     return files
 
 
+_verify_mode = "small"
+_reported: set[Path] = set()
+
+
+@contextmanager
+def verifying(mode: str):
+    """Within this block ``find`` checks artifacts with ``mode`` (one of ``VERIFY_MODES``)."""
+    global _verify_mode
+    if mode not in VERIFY_MODES:
+        raise UserError(f"store_verify={mode!r}: expected one of {', '.join(VERIFY_MODES)}")
+    previous, _verify_mode = _verify_mode, mode
+    try:
+        yield
+    finally:
+        _verify_mode = previous
+
+
+def mismatch(path: Path, mode: str | None = None) -> str | None:
+    """Why the files under ``path`` differ from its manifest, or None when they agree."""
+    mode = mode or _verify_mode
+    try:
+        listed = {entry["path"]: entry for entry in json.loads((path / MANIFEST).read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} unreadable"
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        return f"{unlisted[0]} is not in the manifest"
+    for name, entry in listed.items():
+        file = path / name
+        if name not in present:
+            return f"{name} is missing"
+        if file.stat().st_size != entry.get("bytes"):
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry.get('bytes')}"
+        hashed = mode == "full" or (mode == "small" and entry["bytes"] <= SMALL_FILE_BYTES)
+        if hashed and sha256_file(file) != entry.get("sha256"):
+            return f"{name} differs from its sha256 in the manifest"
+    return None
+
+
 def find(root: Path, stage: str, key: str) -> Artifact | None:
+    """The published artifact, if there is one and its files agree with its manifest."""
     path = Path(root) / stage / key
-    return Artifact(stage, key, path, cached=True) if (path / MANIFEST).is_file() else None
+    if not (path / MANIFEST).is_file():
+        return None
+    problem = mismatch(path)
+    if problem is not None:
+        if path not in _reported:  # once per process, though build looks twice
+            _reported.add(path)
+            print(f"[store] {stage}/{key}: {problem}; treated as absent and recomputed", flush=True)
+        return None
+    return Artifact(stage, key, path, cached=True)
+
+
+@contextmanager
+def waiting_lock(lock_path: Path, what: str):
+    """The artifact's file lock; says once, after a moment, that another process holds it."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_AFTER_S)
+    except Timeout:
+        print(f"[store] {what}: another process is computing it (lock {lock_path}); waiting for it", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def build(
@@ -229,7 +316,7 @@ def build(
         return existing
     stage_dir = root / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(stage_dir / f"{key}.lock")):
+    with waiting_lock(stage_dir / f"{key}.lock", f"{stage}/{key}"):
         existing = find(root, stage, key)  # another process may have finished (or recomputed) it while we waited
         if not _needs_recompute(existing, stage):
             return existing

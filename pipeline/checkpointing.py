@@ -9,6 +9,12 @@ bit-identical to an uninterrupted one (tests/test_train.py checks it).
 
 Only the latest checkpoint is kept; it is written to a temporary file and renamed, so a crash while
 saving leaves the previous one intact.
+
+Nothing is unpickled: the store may be shared, and a pickle placed in it would run code on load. One
+safetensors file holds every tensor (weights, optimiser moments, RNG states) and, in its metadata, a
+JSON document with everything else, tensors replaced by references to their names. A file that is
+not such a checkpoint (an old ``state.pt``, a torn or planted file) is never read as one: the run says
+so in one line and starts from step 0.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.safetensors"
+STATE_KEY = "prefopt_state"  # metadata entry holding the JSON skeleton
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,6 +60,45 @@ def checkpoint_path(workdir: Path) -> Path:
     return Path(workdir) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
+def to_skeleton(value: Any, tensors: dict[str, torch.Tensor], name: str) -> Any:
+    """A JSON-able copy of ``value`` with each tensor (or numpy array) moved into ``tensors`` under a
+    path-like name and replaced by a reference; tuples and non-string dict keys survive the round trip."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(value).astype(np.int64 if value.dtype.kind in "iu" else value.dtype))
+        return {"__ndarray__": name, "dtype": value.dtype.str}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value):
+            return {"__dict__": {key: to_skeleton(item, tensors, f"{name}.{key}") for key, item in value.items()}}
+        return {"__items__": [[key, to_skeleton(item, tensors, f"{name}.{key}")] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [to_skeleton(item, tensors, f"{name}.{index}") for index, item in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"checkpoint: cannot store {type(value).__name__} at {name}")
+
+
+def from_skeleton(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [from_skeleton(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(np.dtype(value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(from_skeleton(item, tensors) for item in value["__tuple__"])
+    if "__items__" in value:
+        return {key: from_skeleton(item, tensors) for key, item in value["__items__"]}
+    return {key: from_skeleton(item, tensors) for key, item in value["__dict__"].items()}
+
+
 def save_checkpoint(workdir: Path, *, step: int, position: int, model: torch.nn.Module, optimizer: Any,
                     scheduler: Any, extra: dict[str, Any] | None = None) -> Path:
     path = checkpoint_path(workdir)
@@ -64,18 +112,29 @@ def save_checkpoint(workdir: Path, *, step: int, position: int, model: torch.nn.
         "rng": rng_state(),
         "extra": extra or {},
     }
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = to_skeleton(state, tensors, "state")
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary), metadata={STATE_KEY: json.dumps(skeleton)})
     os.replace(temporary, path)  # atomic: the previous checkpoint survives a crash mid-save
     return path
 
 
 def load_checkpoint(workdir: Path) -> dict[str, Any] | None:
+    """The saved training state, or None when there is none or the file is not a checkpoint of ours."""
     path = checkpoint_path(workdir)
     if not path.is_file():
         return None
-    # weights_only=False: the RNG states hold numpy arrays and Python tuples; the file is our own.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+        return from_skeleton(json.loads(metadata[STATE_KEY]), tensors)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        print(f"[train] {path}: not a readable checkpoint ({type(error).__name__}); ignored, training starts from step 0",
+              flush=True)
+        return None
 
 
 def restore_checkpoint(state: dict[str, Any], *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,8 @@ def task_config(name: str, spec: dict[str, Any], fewshot_file: Path, test_file: 
 
 
 def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artifact:
-    """The suite artifact: few-shot/test JSONL splits and one YAML per task under ``tasks/``."""
+    """The suite artifact: few-shot/test JSONL splits per task (the task YAMLs lm-eval reads are generated
+    from the settings at evaluation time by ``task_dir``, never read from the store)."""
     settings = local_suite_settings(eval_cfg)
     sources = {name: Path(pair.path) / spec["source"] for name, spec in settings["tasks"].items()}
     for name, path in sources.items():
@@ -133,9 +135,6 @@ def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artif
             raise UserError(f"eval.tasks.{name}.shape={settings['tasks'][name]['shape']!r}: expected one of {list(SHAPES)}")
 
     def compute(workdir: Path) -> dict[str, Any]:
-        # YAML paths name the FINAL directory: the store renames <key>.partial to <key> when done.
-        final = workdir.parent / workdir.name.removesuffix(".partial")
-        (workdir / TASK_DIR).mkdir()
         counts = {}
         for name, spec in settings["tasks"].items():
             items = read_items(sources[name])
@@ -146,9 +145,6 @@ def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artif
                                 f"eval.tasks.{name}.num_fewshot={spec['num_fewshot']} and leave test items")
             for split, rows in (("fewshot", items[:pool]), ("test", items[pool:])):
                 (workdir / f"{name}_{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-            config = task_config(name, spec, final / f"{name}_fewshot.jsonl", final / f"{name}_test.jsonl",
-                                 settings["max_gen_toks"])
-            (workdir / TASK_DIR / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             counts[name] = {"fewshot": pool, "test": len(items) - pool}
         return {"items": counts}
 
@@ -157,6 +153,28 @@ def build_local_suite(eval_cfg: DictConfig, pair: Artifact, root: Path) -> Artif
     from pipeline.artifacts import sha256_file
     content = {name: sha256_file(path) for name, path in sorted(sources.items())}
     return build(root, STAGE, {**settings, "items": content}, {}, compute)
+
+
+_GENERATED: list[tempfile.TemporaryDirectory] = []  # alive until the process ends: lm-eval reads them lazily
+
+
+def task_dir(eval_cfg: DictConfig, suite: Artifact) -> Path:
+    """A fresh folder with one lm-eval task YAML per task, generated from the settings and pointing at the
+    suite's data files where the suite is now.
+
+    lm-eval never reads a task YAML from the store: a task file can carry code (``!function``), and a
+    shared store may hold a planted one. Generated at each evaluation, the suite also keeps working
+    after the store is moved or copied to another machine.
+    """
+    settings = local_suite_settings(eval_cfg)
+    folder = tempfile.TemporaryDirectory(prefix="prefopt-tasks-")
+    _GENERATED.append(folder)
+    path = Path(folder.name)
+    for name, spec in settings["tasks"].items():
+        config = task_config(name, spec, suite.path / f"{name}_fewshot.jsonl", suite.path / f"{name}_test.jsonl",
+                             settings["max_gen_toks"])
+        (path / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 # ---------------------------------------------------------------- hub presets

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import eval_suite
 from pipeline.artifacts import Artifact, build
 from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
@@ -93,13 +94,12 @@ def load_tasks(settings: dict[str, Any], pair: Artifact, root: Path) -> tuple[An
     """(task manager, task list for simple_evaluate, provenance) for the configured suite."""
     from lm_eval.tasks import TaskManager
 
-    from pipeline import eval_suite
-
     names = list(settings["tasks"])
     if settings["suite"] == "local":
         suite = eval_suite.build_local_suite(OmegaConf.create(settings), pair, root)
-        manager = TaskManager(include_path=str(suite.path / eval_suite.TASK_DIR), include_defaults=False)
-        return manager, names, {"suite": {"key": suite.key, "path": str(suite.path)}}
+        tasks = eval_suite.task_dir(OmegaConf.create(settings), suite)
+        manager = TaskManager(include_path=str(tasks), include_defaults=False)
+        return manager, names, {"suite": {"key": suite.key, "path": str(suite.path)}, "task_files": str(tasks)}
     manager = TaskManager()
     eval_suite.require_hub_datasets(manager, names, settings["name"])
     built = []
@@ -270,8 +270,10 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
             tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
             results = run_lm_eval(model, tokenizer, manager, tasks, settings)
             write_lm_eval_outputs(results, workdir)
+            if "task_files" in provenance:  # the task YAMLs lm-eval read, for the record
+                shutil.copytree(provenance["task_files"], workdir / eval_suite.TASK_DIR)
             (workdir / "lm_eval_scores.json").write_text(json.dumps(flat_scores(results), indent=2))
-            return {"model": label, **provenance}
+            return {"model": label, **{k: v for k, v in provenance.items() if k != "task_files"}}
 
         lm_artifact = build(root, LM_EVAL_STAGE, lm_subset, {"weights": model_source}, compute_lm_eval)
 

@@ -25,7 +25,7 @@ from typing import Any
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import Artifact, forcing
+from pipeline.artifacts import Artifact, forcing, verifying
 from pipeline.errors import UserError
 from pipeline.validate import validate
 
@@ -96,6 +96,7 @@ class Run:
         self.claimed = False
         self.forced = forced_artifacts(OmegaConf.select(cfg, "recompute", default=[]) or [])
         self.invocation = invocation(self.run_dir)
+        self.verify = str(OmegaConf.select(cfg, "store_verify", default="small"))
         self.record: dict[str, Any] = {
             "sweep_name": cfg.sweep_name,
             "method": OmegaConf.select(cfg, "method.name"),
@@ -115,7 +116,7 @@ class Run:
         if stage not in self.artifacts:
             upstream = {name: self.get(name) for name in self.upstream_names(stage)}
             module = importlib.import_module(STAGE_MODULES[stage])
-            with forcing(self.forced, self.invocation):
+            with forcing(self.forced, self.invocation), verifying(self.verify):
                 artifact = module.run(self.cfg, upstream, self.root)
             self.artifacts[stage] = artifact
             status = "cached" if artifact.cached else "computed"

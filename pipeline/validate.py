@@ -34,6 +34,13 @@ def check_stages(cfg: DictConfig) -> None:
             raise UserError(f"{key}: unknown stage(s) {unknown}; valid stages are {list(KNOWN_STAGES)}")
 
 
+def check_store_verify(cfg: DictConfig) -> None:
+    from pipeline.artifacts import VERIFY_MODES
+    value = select(cfg, "store_verify")
+    if value is not None and value not in VERIFY_MODES:
+        raise UserError(f"store_verify={value!r}: expected one of {', '.join(VERIFY_MODES)}")
+
+
 def select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
 
@@ -108,6 +115,7 @@ CHECKS: list[Callable[[DictConfig], None]] = [
     check_artifacts_dir,
     integer("seed", 0),
     check_stages,
+    check_store_verify,
     fraction("data.max_bad_fraction"),
     fraction("pairing.test_fraction"),
 ]

@@ -169,3 +169,10 @@ def test_paths(store, tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, err)
     assert not (REPO_ROOT.parent / "outside").exists()
+
+
+def test_unknown_store_verify_mode(store, tmp_path, capsys):
+    code, err = run_cli(["store_verify=sometimes", "model=tiny", "logger=none", f"artifacts_dir={store}"],
+                        tmp_path / "run", capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "store_verify='sometimes'" in lines[0] and "small" in lines[0], err

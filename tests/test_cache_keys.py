@@ -120,6 +120,7 @@ DEFAULT = {
     'seed': {'analyse', 'pair', 'train'},
     'artifacts_dir': set(),
     'recompute': set(),
+    'store_verify': set(),
     'sweep_name': set(),
 }
 # With LoRA on, its settings and the frozen base's dtype change what trains (and the scored reference).

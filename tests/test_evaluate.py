@@ -279,3 +279,49 @@ def test_lm_eval_scores_do_not_depend_on_buckets_or_lengths(trained_run):
     limited_lm = json.loads((artifact_of(limited, "evaluate") / "manifest.json").read_text())["lm_eval"]
     assert limited_lm["key"] != lm_eval["key"]
     assert len((Path(limited_lm["path"]) / "samples" / "local_mc.jsonl").read_text().splitlines()) == 2
+
+
+def plant_task_files(suite: Path, templates: Path, marker: Path) -> None:
+    """A third party's lm-eval task files in the suite's folder (where task YAMLs used to live): real task
+    YAMLs, one with a code hook that creates ``marker`` when lm-eval loads it."""
+    for folder in (suite, suite / "tasks"):
+        folder.mkdir(exist_ok=True)
+        for template in templates.glob("*.yaml"):
+            hook = "process_docs: !function evil.process_docs\n" if template.stem == "local_mc" else ""
+            (folder / template.name).write_text(template.read_text() + hook)
+        (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                        "def process_docs(dataset):\n    return dataset\n")
+
+
+def test_a_planted_task_file_in_the_store_is_never_run(trained_run, tmp_path, capsys):
+    """lm-eval reads task YAMLs generated at evaluation time, never from the store: a planted `!function`
+    hook is not run even when its author also rewrote the manifest; without that it is not even accepted."""
+    from pipeline.artifacts import MANIFEST, describe_files
+
+    root, record = trained_run
+    base = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]
+    lm_eval = Path(json.loads((Path(base["path"]) / "manifest.json").read_text())["lm_eval"]["path"])
+    suite = json.loads((lm_eval / MANIFEST).read_text())["suite"]
+    suite_path, marker = Path(suite["path"]), tmp_path / "pwned"
+    assert (lm_eval / "tasks" / "local_mc.yaml").is_file()  # the YAML lm-eval read, kept for the record
+
+    # 1. Planted with a consistent manifest: the suite is accepted, lm-eval runs on it, the hook does not.
+    plant_task_files(suite_path, lm_eval / "tasks", marker)
+    original_manifest = (suite_path / MANIFEST).read_text()
+    manifest = json.loads(original_manifest)
+    manifest["files"] = describe_files(suite_path)
+    (suite_path / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    limited = run_pipeline(root, tmp_path / "run-planted", "stages=[pair,reference,evaluate]", "eval.limit=1")
+    limited_lm = Path(json.loads((artifact_of(limited, "evaluate") / "manifest.json").read_text())["lm_eval"]["path"])
+    assert json.loads((limited_lm / MANIFEST).read_text())["suite"]["key"] == suite["key"]  # evaluated on that suite
+    assert "[store]" not in capsys.readouterr().out
+    assert not marker.exists()
+    assert "!function" not in (limited_lm / "tasks" / "local_mc.yaml").read_text()
+
+    # 2. Planted behind the manifest's back: the suite no longer matches it and is rebuilt without the files.
+    (suite_path / MANIFEST).write_text(original_manifest)  # the same files, the manifest as the pipeline wrote it
+    run_pipeline(root, tmp_path / "run-planted-again", "stages=[pair,reference,evaluate]", "eval.limit=1")
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[store] eval_suite/")]
+    assert len(notices) == 1 and "treated as absent and recomputed" in notices[0], notices
+    assert not marker.exists() and not (suite_path / "evil.py").exists() and not (suite_path / "tasks").exists()

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import CONF_DIR, REPO_ROOT, compose_config
+from pipeline.checkpointing import load_checkpoint
 from pipeline.errors import UserError
 from pipeline.orchestrate import Run
 from pipeline.train import CRASH_HOOK_ENV, TrainingDiverged
@@ -108,7 +109,7 @@ def test_resume_after_crash_is_bit_identical(store, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash after step 3"):
         execute(root, *overrides)
     partial = next((root / "train").glob("*.partial"))
-    assert (partial / "checkpoints" / "state.pt").is_file()
+    assert (partial / "checkpoints" / "state.safetensors").is_file()
     assert len(read_jsonl(partial / "metrics.jsonl")) == 3  # steps 1-3 logged; step 3 is redone on resume
     monkeypatch.delenv(CRASH_HOOK_ENV)
     resumed = execute(root, *overrides).artifacts["train"]
@@ -122,6 +123,32 @@ def test_resume_after_crash_is_bit_identical(store, tmp_path, monkeypatch):
     assert read_jsonl(straight.path / "trajectories.jsonl") == read_jsonl(resumed.path / "trajectories.jsonl")
 
 
+def test_a_planted_checkpoint_is_not_executed_and_training_starts_over(store, tmp_path, monkeypatch, capsys):
+    """A pickle planted where the checkpoint lives (a shared store) must never run: the run says so and trains from 0."""
+    import pickle
+
+    from tests.test_store_safety import Planted
+
+    overrides = ("method=dpo", "train.max_steps=3", "train.checkpoint_every=1")
+    root = copy_store(store, tmp_path)
+    monkeypatch.setenv(CRASH_HOOK_ENV, "1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        execute(root, *overrides)
+    monkeypatch.delenv(CRASH_HOOK_ENV)
+    checkpoints = next((root / "train").glob("*.partial")) / "checkpoints"
+    marker = tmp_path / "pwned"
+    for name in ("state.safetensors", "state.pt"):
+        (checkpoints / name).write_bytes(pickle.dumps(Planted(marker)))
+    capsys.readouterr()
+    trained = execute(root, *overrides).artifacts["train"]
+    assert not marker.exists()
+    assert "not a readable checkpoint" in capsys.readouterr().out
+    summary = json.loads((trained.path / "summary.json").read_text())
+    assert summary["resumed_from_step"] is None and summary["steps"] == 3
+    rows = {e["path"]: e for e in json.loads((trained.path / "manifest.json").read_text())["files"]}
+    assert rows["metrics.jsonl"]["rows"] == len(read_jsonl(trained.path / "metrics.jsonl")) == 3
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(store, tmp_path):
     root = copy_store(store, tmp_path)
     # An absurd learning rate without clipping blows the weights up to inf within a few steps.
@@ -133,7 +160,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(store, tmp_path):
     step = int(message.split("at step ")[1].split(",")[0])
     assert step >= 2
     partial = next((root / "train").glob("*.partial"))
-    state = torch.load(partial / "checkpoints" / "state.pt", weights_only=False)
+    state = load_checkpoint(partial)
     assert state["step"] == step - 1
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not list((root / "train").glob("*/manifest.json"))  # no finished artifact
