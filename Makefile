@@ -18,7 +18,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-crash pytest smoke sweep figures dashboard bench clean
+.PHONY: help install test test-slow test-crash pytest smoke sweep reproduce figures dashboard bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ test-crash: install ## SIGKILL pairing, reference scoring and training at severa
 
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
 	$(PY) -m pipeline sweep=$(SWEEP) $(ARGS)
+
+reproduce: install ## The Smaug study: DPO vs DPOP per edit-distance bucket, 3 seeds, report section S1 (about an hour on 2 CPU cores)
+	$(PY) -m pipeline sweep=reproduce_smaug $(ARGS)
 
 smoke: install ## The whole chain on the tiny model (about a minute)
 	$(PY) -m pipeline sweep=smoke $(ARGS)

@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from analysis import (fig_after_diff, fig_beta_lambda, fig_edit_distance, fig_logit_shift, fig_loglik_shift,
-                      fig_logp_shift, leaderboard)
+                      fig_logp_shift, leaderboard, study)
 from analysis.collect import REFERENCE, collect, save_tables
 from analysis.collect import flatten as flatten_config
 from analysis.leaderboard import markdown
@@ -36,6 +36,8 @@ FIGURES = (
     ("F5", fig_logit_shift, "Logit shift", "Observed-token logit shift against the reference, chosen vs rejected."),
     ("F6", leaderboard, "Leaderboard", "Headline metric per task and their average; reference row = base model."),
     ("F7", fig_beta_lambda, "Sensitivity to beta and lambda", "Scores against DPO's beta and DPOP's lambda (Smaug Fig. 3)."),
+    ("S1", study, "Smaug study: DPO vs DPOP on one edit-distance bucket at a time",
+     "Mean over seeds (line) and seed range (band) on the held-out probe pairs of the bucket each job trained on."),
 )
 Block = tuple  # ("h2"|"p"|"table"|"img"|"pre"|"links", payload)
 
@@ -95,6 +97,8 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
         images = [p for p in figures.get(key, []) if p.suffix == ".png"]
         if images:
             blocks.append(("h2", f"{key}: {title}"))
+            if key == "S1":
+                blocks += study_blocks(tables)
             blocks += [("img", (_rel(p, out_dir), caption)) for p in images]
             others = [p for p in figures[key] if p.suffix != ".png"]
             blocks.append(("links", [(p.name, _rel(p, out_dir)) for p in others]))
@@ -108,6 +112,16 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
         blocks += [("h2", "Manifests used"),
                    ("links", [(f"{r.stage} {r.artifact_key}", _rel(r.manifest_path, out_dir)) for r in unique.itertuples()])]
     return blocks
+
+
+def study_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
+    """The study's table (95% intervals over held-out pairs) and its generated verdict (analysis/study.py)."""
+    table = study.study_table(tables)
+    return [("p", "Held-out pairs of the bucket each job trained on; each pair's value averaged over seeds; "
+                  "95% Student-t interval over pairs; seed min..max = range of the per-seed means. "
+                  "Quantities: after_diff_shift = mean log-prob per chosen token after the first differing token, "
+                  "minus the reference; chosen_shift / rejected_shift = summed log-prob minus the reference (nats)."),
+            ("table", study.markdown_rows(table))] + [("p", sentence) for sentence in study.verdict(table)]
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -154,6 +168,9 @@ def write_report(tables: dict[str, pd.DataFrame], out_dir: Path | str, source: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_files = save_tables(tables, out_dir / "tables")
+    if study.applies(tables):
+        study.study_table(tables).to_csv(out_dir / "tables" / "study.csv", index=False)
+        table_files.append(out_dir / "tables" / "study.csv")
     figures = make_figures(tables, out_dir / "figures")
     blocks = build_blocks(tables, figures, out_dir, source, table_files)
     (out_dir / "report.html").write_text(to_html(blocks))

@@ -134,7 +134,10 @@ def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[i
     if not train_rows:
         raise UserError(f"pairs.parquet: no split=train rows to train on (pairing.bucket_filter={buckets}); "
                         "check pairing.test_fraction and the bucket names")
-    test_rows = (pairs["split"] == "test").to_numpy().nonzero()[0]
+    test_mask = pairs["split"] == "test"
+    if buckets is not None:  # follow the pairs it trains on (Smaug measures on the kind of pair it trains on)
+        test_mask &= pairs["bucket"].astype(str).isin(buckets)
+    test_rows = test_mask.to_numpy().nonzero()[0]
     probe_rows = [int(i) for i in test_rows[: int(cfg.train.probe_pairs)]]
     return train_rows, probe_rows
 

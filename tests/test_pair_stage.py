@@ -144,7 +144,11 @@ def test_bucket_filter_selects_train_pairs_of_one_bucket_and_shares_the_pairs(ma
     train_rows, probe_rows = select_rows(low_cfg, pairs)
     assert set(pairs.iloc[train_rows]["bucket"]) == {"low"} and set(pairs.iloc[train_rows]["split"]) == {"train"}
     assert len(train_rows) == int(((pairs["split"] == "train") & (pairs["bucket"] == "low")).sum())
-    assert set(pairs.iloc[probe_rows]["split"]) == {"test"}
+    assert set(pairs.iloc[probe_rows]["split"]) == {"test"} and set(pairs.iloc[probe_rows]["bucket"]) == {"low"}
+    test_low = pairs.index[(pairs["split"] == "test") & (pairs["bucket"] == "low")].tolist()
+    assert probe_rows == test_low[: low_cfg.train.probe_pairs] and len(probe_rows) > 0  # the trained bucket's first N
+    _, all_probes = select_rows(make_config(*SMALL), pairs)  # no filter: the first N test pairs of any bucket
+    assert all_probes == pairs.index[pairs["split"] == "test"].tolist()[: low_cfg.train.probe_pairs]
     with pytest.raises(UserError, match="pairing.bucket_filter='middle'"):
         select_rows(make_config(*SMALL, "pairing.bucket_filter=middle"), pairs)
 
