@@ -1,6 +1,6 @@
 """Edit distances between chosen and rejected responses, and edit-distance buckets.
 
-Smaug (SPEC.md section 2) does not pin the unit, so every pair gets four numbers:
+Smaug (docs/losses.md, Edit distances) does not pin the unit, so every pair gets four numbers:
 character Levenshtein and token Levenshtein (token ids of the training tokenizer, or
 a regex tokenizer when no model is configured), each raw and normalised by the
 longer of the two responses. All pairwise work runs in rapidfuzz's C++ ``cpdist``

@@ -1,6 +1,6 @@
 """Per-token log-probabilities of responses: the math every loss and analysis shares.
 
-SPEC.md section 5, rule 1: log-probs are ``log_softmax(logits[:, :-1])`` gathered at ``input_ids[:, 1:]``,
+docs/losses.md, Log-probabilities: log-probs are ``log_softmax(logits[:, :-1])`` gathered at ``input_ids[:, 1:]``,
 masked to response tokens, computed in fp32 even under bf16 autocast. Position ``t`` of every
 ``[N, T-1]`` tensor below scores token ``input_ids[:, t+1]`` from the logits at position ``t``.
 """

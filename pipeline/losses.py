@@ -1,6 +1,6 @@
 """Preference losses with one signature: ``loss_fn(LossInput, method_cfg) -> LossOutput``.
 
-Formulas: SPEC.md sections 1-4 (each function cites paper and equation). Shapes: B pairs; chosen and
+Formulas: docs/losses.md, one section per loss (each function cites paper and equation). Shapes: B pairs; chosen and
 rejected per-token tensors are ``[B, T_w]`` and ``[B, T_l]`` (T may differ), sequence sums are ``[B]``.
 ``-log sigmoid(z)`` is always ``softplus(-z)``. The batch reduction is the mean over the B pairs.
 
@@ -124,7 +124,7 @@ def dpop_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
 
     ``pen = max(0, logp_ref(y_w) - logp(y_w))`` (sequence level, ``[B]``) and
     ``L = softplus(-beta * (h - lambda_ * pen))``: lambda INSIDE the beta bracket (v1 of the paper put it
-    outside; SPEC.md section 2 lists both wrong variants). lambda_ = 0, or chosen at/above the reference
+    outside; docs/losses.md, DPOP lists both wrong variants). lambda_ = 0, or chosen at/above the reference
     (relu's gradient at 0 is 0), gives exactly DPO. Config: ``beta`` > 0, ``lambda_`` >= 0.
     Extra metric ``dpop/penalty``: mean pen over pairs.
     """
@@ -139,7 +139,7 @@ def dpop_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
 
 def bnf_token_terms(token_logps: Tensor, ref_token_logps: Tensor, others: Tensor, mask: Tensor,
                     guards: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """BNF per-token objective (Mao et al. 2025, SPEC.md section 3). All tensors ``[B, T]``.
+    """BNF per-token objective (Mao et al. 2025; docs/losses.md, BNF). All tensors ``[B, T]``.
 
     ``w = min(p / p_ref, 1)``, ``u = (1 - w) / (1 - p)``, ``A = sg(w) log p + sg(u) O``; returns
     ``(A, w, u)`` with w, u detached and everything 0 outside ``mask``. The gradient of A on the logits
@@ -151,7 +151,7 @@ def bnf_token_terms(token_logps: Tensor, ref_token_logps: Tensor, others: Tensor
     """
     keep = mask > 0
     zero = torch.zeros((), dtype=token_logps.dtype, device=token_logps.device)
-    # Mask first (SPEC: before forming w and u): outside the mask log p = log p_ref = 0.
+    # Mask first (docs/losses.md, BNF: before forming w and u): outside the mask log p = log p_ref = 0.
     logp = torch.where(keep, token_logps, zero).detach()
     ref = torch.where(keep, ref_token_logps.to(token_logps.dtype), zero)
     p = logp.exp()
@@ -176,7 +176,7 @@ def _same_sequence(logps_a: Tensor, mask_a: Tensor, logps_b: Tensor, mask_b: Ten
 
 
 def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
-    """BNF (Mao et al., ICLR 2025; formula of the author's oat implementation, SPEC.md section 3).
+    """BNF (Mao et al., ICLR 2025; formula of the author's oat implementation; docs/losses.md, BNF).
 
     ``S(y) = (1/N) sum_t A_t`` (``[B]`` per side) and ``L = mean over pairs of -(S(y_w) - S(y_l))``.
     Config ``normalisation``: ``batch_min`` (N = shortest non-empty response in the micro-batch, chosen
@@ -221,7 +221,7 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     return LossOutput(losses.mean(), _metrics(inp, reward_w.sum(-1), reward_l.sum(-1), **extra))
 
 
-# ----------------------------------------------------------------------------- baselines (SPEC.md section 4)
+# ----------------------------------------------------------------------------- baselines (docs/losses.md, one section each)
 
 def ipo_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     """IPO (Azar et al. 2024, Eq. 17): ``(h - 1/(2 tau))^2`` per pair ``[B]``, tau passed as ``beta``.
@@ -275,8 +275,9 @@ def rpo_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
 def simpo_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     """SimPO (Meng et al. 2024, Eq. 6), reference-free: ``softplus(-(beta avg_w - beta avg_l - gamma))``.
 
-    avg = logp / |y| ``[B]``. The paper writes the margin as gamma (not gamma/beta as TRL's CPO trainer
-    parametrises it). Rewards: ``beta * avg_logp``.
+    avg = logp / |y| ``[B]``. ``gamma`` is the paper's margin in reward units, the same quantity as TRL's
+    ``simpo_gamma`` (TRL subtracts simpo_gamma / beta inside the beta bracket: the same loss); the SimPO
+    authors' code takes gamma / beta (``gamma_beta_ratio``) instead. Rewards: ``beta * avg_logp``.
     """
     beta, gamma = _param(cfg, "beta"), _param(cfg, "gamma")
     avg_w = inp.chosen_logps / _lengths(inp.chosen_mask)

@@ -2,7 +2,7 @@
 
 Sources (``model.source``):
 - ``tiny``: a random-init Llama of well under a million parameters and a byte-level BPE tokenizer
-  trained on built-in text (pipeline/tiny_corpus.py), deterministic from ``model.tiny.seed``. For tests.
+  trained on built-in text (``tiny_corpus`` in pipeline/tiny_model.py), deterministic from ``model.tiny.seed``. For tests.
 - ``gguf``: a GGUF file shipped in an installed package (``model.gguf_package``), dequantised once by
   transformers and saved as safetensors (reload 0.2 s instead of ~20 s).
 - ``hub``: a Hugging Face hub id. With ``model.materialize: true`` the weights are copied into the

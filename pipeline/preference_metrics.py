@@ -1,6 +1,6 @@
 """Per-pair preference metrics of a policy against its reference, shared by trainer probes and evaluation.
 
-Definitions (SPEC.md; Smaug = Pal et al. 2024):
+Definitions (docs/losses.md, Smaug Fig. 4; Smaug = Pal et al. 2024):
 - ``*_logp``: summed log-prob of the response tokens (EOS included) under policy or reference.
 - ``rho_chosen = policy_chosen_logp - ref_chosen_logp`` (the log-ratio; DPO's implicit reward is
   ``beta * rho``; beta is left out so the table is method-free), likewise ``rho_rejected``.

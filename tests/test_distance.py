@@ -1,4 +1,4 @@
-"""Edit distances (SPEC.md section 6) and bucketing."""
+"""Edit distances (docs/losses.md, Edit distances and Worked values) and bucketing."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.logprobs import first_difference_index, mean_logp_after, score_tokens
 
-SPEC_LOGITS = [2.0, 1.0, 0.5, -1.0]  # SPEC.md section 6, BNF one token, observed index 0
+SPEC_LOGITS = [2.0, 1.0, 0.5, -1.0]  # docs/losses.md, Worked values: BNF one token, observed index 0
 
 
 def one_token(logits: list[float], observed: int, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""pipeline.losses: every number of SPEC.md section 6, gradients, and every conf/method/*.yaml (pure torch)."""
+"""pipeline.losses: every number of docs/losses.md, Worked values, gradients, and every conf/method/*.yaml (pure torch)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def value(name, inp, **cfg) -> float:
     return LOSSES[name](inp, cfg).loss.item()
 
 
-# ----------------------------------------------------------------------------- DPO / DPOP (SPEC.md 6)
+# ----------------------------------------------------------------------------- DPO / DPOP (docs/losses.md, Worked values)
 
 CASE_A, CASE_B, CASE_C = ([-10.0], [-12.0], [-9.0], [-11.0]), ([-8.0], [-12.0], [-9.0], [-11.0]), \
     ([-10.5], [-14.0], [-10.0], [-11.0])
@@ -101,7 +101,7 @@ def test_dpop_equals_dpo_when_lambda_zero_or_chosen_above_reference(lam, above):
     assert value("dpop", below, beta=0.1, lambda_=50) > value("dpo", below, beta=0.1) + 1
 
 
-# ----------------------------------------------------------------------------- baselines (SPEC.md 6)
+# ----------------------------------------------------------------------------- baselines (docs/losses.md, Worked values)
 
 def test_baseline_spec_values():
     h2 = pairs([-8.0], [-12.0], [-10.0], [-12.0])  # h = 2
@@ -156,7 +156,7 @@ def test_metrics_use_trl_names_and_beta_rho():
     assert out.metrics["logps/chosen"].item() == pytest.approx(-9.0)
 
 
-# ----------------------------------------------------------------------------- BNF (SPEC.md 6)
+# ----------------------------------------------------------------------------- BNF (docs/losses.md, Worked values)
 
 def bnf_scores(rows, dtype=torch.float32):
     """rows: list of (logits, observed id) per response token -> (TokenScores of one sequence, vocab logits)."""
