@@ -60,13 +60,48 @@ def _stats_table(tables: dict[str, pd.DataFrame], columns: dict[str, str]) -> pd
     return stats.assign(column=stats["metric"].map(columns)).drop(columns="metric")
 
 
+def stderr_of(metric: str, values: dict[str, float]) -> float | None:
+    """lm-eval's standard error of a score among a job's metrics: the metric with "_stderr" after the score's
+    name (eval/t/acc -> eval/t/acc_stderr, exact_match_strict-match -> exact_match_stderr_strict-match)."""
+    for name, value in values.items():
+        if "_stderr" in name and name.replace("_stderr", "", 1) == metric:
+            return value
+    return None
+
+
+def lm_eval_stderrs(tables: dict[str, pd.DataFrame], headlines: dict[str, str]) -> pd.DataFrame:
+    """label, column, se: lm-eval's standard error of each single-job cell (several seeds show the seeds' std
+    instead). The average's is sqrt(sum se^2) / n over its tasks (tasks scored on disjoint items)."""
+    results = tables["results"]
+    rows = []
+    for label, group in results.groupby("label", sort=False):
+        scored = group[group["metric"].isin(headlines.values())].dropna(subset=["value"])["job"].unique()
+        if len(scored) != 1:  # several seeds (or nothing scored)
+            continue
+        job = group[group["job"] == scored[0]]
+        values = dict(zip(job["metric"], job["value"]))
+        per_task = {task: stderr_of(metric, values) for task, metric in headlines.items() if metric in values}
+        for task, se in per_task.items():
+            if se is not None and np.isfinite(se):
+                rows.append({"label": label, "column": task, "se": float(se)})
+        ses = list(per_task.values())
+        if ses and all(se is not None and np.isfinite(se) for se in ses):
+            rows.append({"label": label, "column": "average", "se": float(np.sqrt(np.sum(np.square(ses))) / len(ses))})
+    return pd.DataFrame(rows, columns=["label", "column", "se"])
+
+
 def leaderboard_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Long table: label, column (task or "average"), mean, std, count."""
+    """Long table: label, column (task or "average"), mean, std, count, se (lm-eval's, single-job cells)."""
     if not nonempty(tables, "results", "metric"):
         return pd.DataFrame()
-    columns = {metric: task for task, metric in headline_metrics(tables).items()}
+    headlines = headline_metrics(tables)
+    columns = {metric: task for task, metric in headlines.items()}
     columns["eval/average"] = "average"
-    return _stats_table(tables, columns)
+    long = _stats_table(tables, columns)
+    ses = lm_eval_stderrs(tables, headlines)
+    long = long.merge(ses, on=["label", "column"], how="left")
+    long.loc[long["count"] > 1, "se"] = np.nan  # several seeds: the seeds' spread is shown
+    return long
 
 
 def preference_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -113,9 +148,16 @@ def _wide(tables: dict[str, pd.DataFrame], long: pd.DataFrame, digits: int) -> t
         cells = [label, *settings.get(label, ("–", "base model, untrained" if base else "–"))]
         for title in titles:
             match = long[(long["label"] == label) & (long["column"] == title)]
-            cells.append(mean_pm_std(*match.iloc[0][["mean", "std", "count"]], digits=digits) if len(match) else "–")
+            cells.append(cell(match.iloc[0], digits) if len(match) else "–")
         body.append(cells)
     return list(TEXT_COLUMNS) + titles, body
+
+
+def cell(row: pd.Series, digits: int) -> str:
+    """"mean ± std" over seeds, or "mean (se x)" with lm-eval's standard error for one job."""
+    text = mean_pm_std(row["mean"], row["std"], row["count"], digits=digits)
+    se = row.get("se", np.nan)
+    return f"{text} (se {se:.{digits}f})" if row["count"] == 1 and pd.notna(se) else text
 
 
 def markdown(header: list[str], body: list[list[str]], numeric: bool = True) -> str:
@@ -157,8 +199,9 @@ def _bar_chart(tables: dict[str, pd.DataFrame], long: pd.DataFrame, out_dir: Pat
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(titles) * len(labels) + 2), 3.8))
     for i, label in enumerate(labels):
         rows = long[long["label"] == label].set_index("column").reindex(titles)
+        errors = rows["std"].where(rows["count"] > 1, rows["se"])  # seeds' std, or lm-eval's stderr for one job
         ax.bar(x + (i - (len(labels) - 1) / 2) * width, rows["mean"], width,
-               yerr=rows["std"].where(rows["count"] > 1), color=palette[label], label=label, capsize=3)
+               yerr=errors, color=palette[label], label=label, capsize=3)
     ax.set_xticks(x, titles, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("score")
     ax.legend(fontsize=7)
@@ -175,5 +218,5 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     md, tex = out_dir / f"{NAME}.md", out_dir / f"{NAME}.tex"
     md.write_text(markdown(header, body))
     tex.write_text(latex(header, body, "Evaluation scores per method (headline metric per task; "
-                                       "mean ± std over seeds where there are several)."))
+                                       "mean ± std over seeds where there are several, else lm-eval's standard error as (se x))."))
     return _bar_chart(tables, long, out_dir) + [md, tex]

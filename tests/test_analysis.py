@@ -24,6 +24,8 @@ from pipeline.errors import UserError
 
 BUCKETS = ("low", "high")
 TASKS = {"arith_mc": "acc,none", "arith_gen": "exact_match,none"}
+STDERR = {"arith_mc": 0.01, "arith_gen": 0.02}  # lm-eval's standard errors in every fixture evaluation
+AVERAGE_SE = "0.0112"  # by hand: sqrt(0.01^2 + 0.02^2) / 2 = 0.01118
 
 
 def write_json(path: Path, value) -> None:
@@ -55,7 +57,8 @@ def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, base
     """Evaluate artifact; ``shift`` sets the policy's log-prob shift on every held-out pair (0 = base)."""
     def compute(work: Path):
         write_json(work / "scores.json", {
-            "tasks": {task: {metric: scores[task], metric.replace(",", "_stderr,"): 0.01} for task, metric in TASKS.items()},
+            "tasks": {task: {metric: scores[task], metric.replace(",", "_stderr,"): STDERR[task]}
+                      for task, metric in TASKS.items()},
             "average": float(np.mean(list(scores.values()))), "headline": TASKS, "settings": {"suite": "local"},
             "model": "base" if baseline is None else "trained"})
         rows = []
@@ -181,7 +184,7 @@ def test_python_m_analysis_writes_every_figure_table_and_report(sweep, capsys):
     table = (figures / "f6_leaderboard.md").read_text()
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert list(lines) == ["reference", "dpo", "dpop"]
-    assert lines["reference"].rstrip(" |").endswith("0.3750") and "0.1875" in lines["dpo"] and "0.6250" in lines["dpop"]
+    assert lines["reference"].rstrip(" |").endswith(f"0.3750 (se {AVERAGE_SE})") and "0.1875" in lines["dpo"] and "0.6250" in lines["dpop"]
     assert "arith_mc" in table and "\\pm" not in table
     assert "\\toprule" in (figures / "f6_leaderboard.tex").read_text()
     results = pd.read_csv(out / "tables" / "results.csv")
@@ -223,7 +226,7 @@ def test_f7_and_mean_std_only_when_beta_varies(tmp_path):
     # two seeds per beta: average = beta + 0.05*seed -> mean beta + 0.025, std 0.0354
     assert rows["dpo (beta=0.1)"][-1] == "0.1250 ± 0.0354"
     assert rows["dpo (beta=1)"][-1] == "1.0250 ± 0.0354"
-    assert rows["reference"][-1] == "0.3750"
+    assert rows["reference"][-1] == f"0.3750 (se {AVERAGE_SE})"
 
 
 def test_leaderboard_states_every_method_setting(tmp_path):
@@ -238,9 +241,12 @@ def test_leaderboard_states_every_method_setting(tmp_path):
     lines = (tmp_path / "fig" / "f6_leaderboard.md").read_text().splitlines()
     assert lines[0] == "| method | loss | settings | arith_mc | arith_gen | average |"
     assert lines[1] == "|---|---|---|---:|---:|---:|"
-    assert lines[2:] == ["| reference | – | base model, untrained | 0.5000 | 0.2500 | 0.3750 |",
+    # one job: lm-eval's stderr beside the score; two seeds: their std instead
+    assert lines[2:] == ["| reference | – | base model, untrained | 0.5000 (se 0.0100) | 0.2500 (se 0.0200) | "
+                         f"0.3750 (se {AVERAGE_SE}) |",
                          "| dpop | dpop | beta=0.3, lambda_=50 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |",
-                         "| bnf | bnf | guards=True, normalisation=batch_min | 0.2500 | 0.7500 | 0.5000 |"]
+                         "| bnf | bnf | guards=True, normalisation=batch_min | 0.2500 (se 0.0100) | 0.7500 (se 0.0200) | "
+                         f"0.5000 (se {AVERAGE_SE}) |"]
     tex = next(p for p in paths if p.suffix == ".tex").read_text()
     assert r"\begin{tabular}{lllrrr}" in tex and r"bnf & bnf & guards=True, normalisation=batch\_min & 0.2500" in tex
 
@@ -394,3 +400,8 @@ def assert_leaderboard_bars_match_the_results(tables):
             metric = "eval/average" if column == "average" else f"eval/{column}/{TASKS[column]}"
             rows = results[(results["label"] == container.get_label()) & (results["metric"] == metric)]
             assert len(rows) == 1 and patch.get_height() == pytest.approx(rows["value"].iloc[0]), (container, column)
+        # error bars: one job per label here, so lm-eval's stderr (the average's: root sum of squares / n)
+        (segments,) = [c.get_segments() for c in container.errorbar.lines[2]]
+        expected = [STDERR[c] if c in STDERR else float(np.sqrt(sum(v * v for v in STDERR.values())) / len(STDERR))
+                    for c in columns]
+        assert [(seg[1][1] - seg[0][1]) / 2 for seg in segments] == pytest.approx(expected), container.get_label()
