@@ -7,6 +7,7 @@ STAMP := $(VENV)/.install-stamp
 SWEEP ?= default
 ARGS ?=
 SWEEP_DIR ?=
+STORE ?=
 
 # W&B offline unless you export WANDB_MODE; its files and matplotlib's cache under .cache/. HF_HOME and the
 # hub's offline flags are yours: the default sweep needs no network (SmolLM2 from PyPI, generated data).
@@ -55,9 +56,9 @@ reproduce: install ## The Smaug study: DPO vs DPOP per edit-distance bucket, 3 s
 smoke: install ## The whole chain on the tiny model (about a minute)
 	$(PY) -m pipeline sweep=smoke $(ARGS)
 
-figures: install ## Regenerate figures, tables and report from artifacts: make figures SWEEP_DIR=runs/default/<time>
+figures: install ## Regenerate figures, tables and report from artifacts: make figures SWEEP_DIR=runs/default/<time> [STORE=/moved/artifacts]
 	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make figures SWEEP_DIR=runs/default/2026-01-01_12-00-00"; exit 2; }
-	$(PY) -m analysis $(SWEEP_DIR)
+	$(PY) -m analysis $(SWEEP_DIR) $(if $(STORE),--store $(STORE))
 
 dashboard: install ## The sweep's W&B workspace: published when WANDB_MODE=online, else written beside the report
 	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make dashboard SWEEP_DIR=runs/default/2026-01-01_12-00-00.000000"; exit 2; }

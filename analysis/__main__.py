@@ -1,4 +1,4 @@
-"""``python -m analysis <run_or_sweep_dir> [--out DIR]``: regenerate every table, figure and the report.
+"""``python -m analysis <run_or_sweep_dir> [--out DIR] [--store DIR]``: regenerate every table, figure and the report.
 
 Reads only run records and artifacts (no W&B, no model). Prints the path of report.md.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pipeline.errors import UserError
 
@@ -15,10 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a run dir (run.json inside) or a sweep dir (<job>/run.json below it)")
     parser.add_argument("--out", default=None, help="output folder (default: <source>/report)")
+    parser.add_argument("--store", default=None,
+                        help="the artifact store's root, if it moved since the runs (default: where the run records "
+                             "point, relative to them first)")
     args = parser.parse_args(argv)
     from analysis.report import generate  # after argument errors, which need no matplotlib
     try:
-        report = generate(args.source, args.out)
+        if args.store is not None and not Path(args.store).is_dir():
+            raise UserError(f"--store {args.store}: not a directory (expected the artifact store's root)")
+        report = generate(args.source, args.out, args.store)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -306,20 +306,37 @@ def pair_summaries(pairs: pd.DataFrame) -> list[tuple[str, float]]:
 
 # ----------------------------------------------------------------------------- entry points
 
-def collect_records(records: list[tuple[str, dict, Path | None]]) -> dict[str, pd.DataFrame]:
-    """Tables from in-memory run records: ``(job name, run.json content, run dir or None)``."""
+def artifact_location(stage: str, info: dict, run_dir: Path | None, store: Path | None) -> Path:
+    """Where a run record's artifact is now. A store and its run folders may have moved together (the record's
+    ``relpath`` is relative to its run folder) or apart (``store``: the store's new root, ``<stage>/<key>`` below
+    it); the absolute ``path`` it was written under is the last resort."""
+    candidates = []
+    if store is not None and info.get("key"):
+        candidates.append(Path(store) / stage / str(info["key"]))
+    if run_dir is not None and info.get("relpath"):
+        candidates.append(Path(run_dir) / info["relpath"])
+    if info.get("path"):
+        candidates.append(Path(info["path"]))
+    found = next((c for c in candidates if (c / MANIFEST).is_file()), None)
+    return found or (candidates[-1] if candidates else Path(""))
+
+
+def collect_records(records: list[tuple[str, dict, Path | None]], store: Path | str | None = None) -> dict[str, pd.DataFrame]:
+    """Tables from in-memory run records: ``(job name, run.json content, run dir or None)``; ``store``: the
+    artifact store's root when it is no longer where the records say (see ``artifact_location``)."""
+    store = Path(store) if store is not None else None
     jobs = [_job_row(job, record, run_dir) for job, record, run_dir in records]
     for row, label in zip(jobs, _labels(jobs, [r.get("config") or {} for _, r, _ in records])):
         row["label"] = label
     collector = _Collector()
     baselines: list[tuple[str, str]] = []
-    for row, (_, record, _) in zip(jobs, records):
+    for row, (_, record, run_dir) in zip(jobs, records):
         ident = {column: row[column] for column in IDENTITY}
         if row["status"] == "failed":
             collector.result(ident, None, None, None, None, None)
             continue
         for stage, info in (record.get("artifacts") or {}).items():
-            key, path = info.get("key"), Path(info.get("path", ""))
+            key, path = info.get("key"), artifact_location(stage, info, run_dir, store)
             manifest = collector.manifest(row["job"], stage, key, path)
             if manifest is None:
                 continue
@@ -330,14 +347,17 @@ def collect_records(records: list[tuple[str, dict, Path | None]]) -> dict[str, p
             elif stage == "evaluate":
                 collector.evaluate(ident, key, path)
                 baseline = manifest.get("baseline") or {}
-                if baseline.get("key") and (baseline["key"], baseline.get("path")) not in baselines:
-                    baselines.append((baseline["key"], baseline.get("path")))
+                if baseline.get("key") and baseline["key"] not in {k for k, _ in baselines}:
+                    # the base model's artifact sits beside the trained one's in the same store
+                    beside = {"key": baseline["key"], "path": baseline.get("path"),
+                              "relpath": str(Path("..") / baseline["key"])}
+                    baselines.append((baseline["key"], artifact_location("evaluate", beside, path, store)))
     for key, path in baselines:  # the base model's row, once per distinct baseline artifact
         job = REFERENCE if len(baselines) == 1 else f"{REFERENCE}:{key}"
         ident = {"job": job, "status": "ok", "method": REFERENCE, "label": job, "beta": None,
                  "lambda_": None, "bucket_filter": None, "seed": None}
-        if collector.manifest(job, "evaluate", key, Path(path)) is not None:
-            collector.evaluate(ident, key, Path(path))
+        if collector.manifest(job, "evaluate", key, path) is not None:
+            collector.evaluate(ident, key, path)
             jobs.insert(0, {**ident, "error": None, "run_dir": None, "config": None, "overrides": None,
                             "key/evaluate": key})
     return _frames(jobs, collector.rows)
@@ -363,10 +383,10 @@ def _frames(jobs: list[dict], rows: dict[str, list]) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def collect(source: Path | str) -> dict[str, pd.DataFrame]:
-    """Tables for a run dir or a sweep dir (see the module docstring)."""
+def collect(source: Path | str, store: Path | str | None = None) -> dict[str, pd.DataFrame]:
+    """Tables for a run dir or a sweep dir (see the module docstring); ``store``: the store's root if it moved."""
     records = [(job, _read_json(path), path.parent) for job, path in find_run_records(source)]
-    return collect_records(records)
+    return collect_records(records, store)
 
 
 def save_tables(tables: dict[str, pd.DataFrame], out_dir: Path | str) -> list[Path]:

@@ -179,8 +179,9 @@ def write_report(tables: dict[str, pd.DataFrame], out_dir: Path | str, source: P
     return report
 
 
-def generate(source: Path | str, out_dir: Path | str | None = None) -> Path:
-    """Collect a run or sweep dir and write everything into ``out_dir`` (default ``<source>/report``)."""
+def generate(source: Path | str, out_dir: Path | str | None = None, store: Path | str | None = None) -> Path:
+    """Collect a run or sweep dir and write everything into ``out_dir`` (default ``<source>/report``);
+    ``store``: the artifact store's root when it moved away from its run folders."""
     source = Path(source)
-    tables = collect(source)
+    tables = collect(source, store)
     return write_report(tables, Path(out_dir) if out_dir else source / "report", source)

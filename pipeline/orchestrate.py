@@ -122,8 +122,10 @@ class Run:
             status = "cached" if artifact.cached else "computed"
             if self.main:
                 print(f"[{stage}] artifact {artifact.path} ({status})", flush=True)
-            self.record["artifacts"][stage] = {"key": artifact.key, "path": str(artifact.path), "cached": artifact.cached,
-                                               "forced": stage in self.forced}
+            # relpath: the store and its run folders can move together (a store copied to another machine)
+            self.record["artifacts"][stage] = {"key": artifact.key, "path": str(artifact.path),
+                                               "relpath": os.path.relpath(artifact.path, self.run_dir),
+                                               "cached": artifact.cached, "forced": stage in self.forced}
             self.save()
         return self.artifacts[stage]
 

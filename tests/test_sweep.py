@@ -104,3 +104,33 @@ def test_report_renders_in_a_real_browser(workdir, first_sweep):
         assert check_report(report)["images"][f"figures/{figures[0]}"] is False
     finally:
         moved.with_suffix(".bak").rename(moved)
+
+
+def test_store_and_runs_copied_elsewhere_regenerate_the_same_report(workdir, first_sweep, tmp_path):
+    """Relocatable: run records find their artifacts relative to themselves when the store and the runs move
+    together, and through --store when the store moves alone; the originals are hidden meanwhile."""
+    import shutil
+
+    from analysis.__main__ import main as analysis_main
+    sweep_dir = sweep_dirs(workdir, "two")[0]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(workdir / "runs", moved / "runs")
+    shutil.copytree(workdir / "artifacts", moved / "artifacts")
+    apart = tmp_path / "store-alone"
+    shutil.copytree(workdir / "artifacts", apart)
+    original = pd.read_csv(sweep_dir / "report" / "tables" / "results.csv")
+    columns = ["job", "metric", "value", "artifact_key"]
+    hidden = workdir / "artifacts.hidden"
+    (workdir / "artifacts").rename(hidden)  # the absolute paths in the records now lead nowhere
+    try:
+        copied_sweep = moved / "runs" / "two" / sweep_dir.name
+        assert analysis_main([str(copied_sweep), "--out", str(tmp_path / "together")]) == 0
+        together = pd.read_csv(tmp_path / "together" / "tables" / "results.csv")
+        assert together[columns].equals(original[columns])
+        assert set(together["artifact_path"].dropna().map(lambda p: Path(p).is_relative_to(moved))) == {True}
+        shutil.rmtree(moved / "artifacts")  # now the runs alone, the store elsewhere
+        assert analysis_main([str(copied_sweep), "--out", str(tmp_path / "apart"), "--store", str(apart)]) == 0
+        assert pd.read_csv(tmp_path / "apart" / "tables" / "results.csv")[columns].equals(original[columns])
+        assert analysis_main([str(copied_sweep), "--store", str(tmp_path / "nowhere")]) == 2
+    finally:
+        hidden.rename(workdir / "artifacts")
