@@ -53,14 +53,27 @@ def fallback_tokenize(texts: list[str]) -> list[list[int]]:
 
 
 def hf_tokenize(tokenizer) -> Tokenize:
-    """Batch tokenisation of responses with an HF tokenizer, without special tokens."""
+    """Batch tokenisation of responses with an HF tokenizer, without special tokens (token ids only: no
+    attention masks or type ids are built)."""
     def tokenize(texts: list[str]) -> list[list[int]]:
-        return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        if not texts:
+            return []
+        return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
     return tokenize
 
 
-def edit_distances(chosen: list[str], rejected: list[str], tokenize: Tokenize = fallback_tokenize) -> dict[str, np.ndarray]:
-    """The four distance columns of every pair (chosen[i] vs rejected[i])."""
+def edit_distances(chosen: list[str], rejected: list[str], tokenize: Tokenize = fallback_tokenize,
+                   chunk: int | None = None) -> dict[str, np.ndarray]:
+    """The four distance columns of every pair (chosen[i] vs rejected[i]).
+
+    ``chunk``: pairs per tokenizer call, so that what a call builds (an HF tokenizer keeps a few KB per
+    text until the call returns) stays bounded; the distances do not depend on it (both sides of a pair
+    are always tokenised in the same call, so fallback ids agree).
+    """
+    if chunk and len(chosen) > chunk:
+        parts = [edit_distances(chosen[i:i + chunk], rejected[i:i + chunk], tokenize) for i in range(0, len(chosen), chunk)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     char_distance, char_ned = pairwise_distances(chosen, rejected)
     # One tokenizer call for both sides: half the per-call overhead, and shared fallback ids.
     ids = tokenize(list(chosen) + list(rejected))
@@ -121,10 +134,27 @@ def distances_and_buckets(
     labels: Sequence[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """What the pairing stage computes per pair: distance columns (+ ``bucket``), edges, labels."""
+    check_unit(unit)
+    columns = edit_distances(chosen, rejected, tokenize)
+    columns["bucket"], resolved, names = bucket_columns(columns, unit, edges, quantiles, labels)
+    return columns, resolved, names
+
+
+def check_unit(unit: str) -> None:
     if unit not in UNITS:
         raise UserError(f"pairing.unit={unit!r}: expected one of {list(UNITS)}")
-    columns = edit_distances(chosen, rejected, tokenize)
+
+
+def bucket_columns(
+    columns: dict[str, np.ndarray],
+    unit: str,
+    edges: Sequence[float] | None,
+    quantiles: int | None,
+    labels: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The bucket of every pair from its distance columns (all pairs at once: quantile edges need them
+    all), with the edges and bucket names."""
+    check_unit(unit)
     resolved = resolve_edges(columns[unit], edges, quantiles)
     names = bucket_labels(resolved, labels)
-    columns["bucket"] = assign_buckets(columns[unit], resolved, names)
-    return columns, resolved, names
+    return assign_buckets(columns[unit], resolved, names), resolved, names

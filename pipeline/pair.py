@@ -14,6 +14,12 @@ Artifact files:
 - ``histogram.png``: char_ned and token_ned histograms with the bucket edges.
 - synthetic data only: ``eval_mc.jsonl`` and ``eval_gen.jsonl``, held-out problems.
 
+Memory: the source is read twice, ``BATCH_ROWS`` rows at a time, and never held whole (JSONL and Parquet
+files are read as they go, see ``pipeline.adapters.Source``). Pass one adapts and hashes every pair and
+computes its distances, keeping a few dozen bytes per pair (``Scan``); duplicates and quantile edges are
+then decided over all pairs. Pass two renders the kept pairs' prompts and writes pairs.parquet row group
+by row group (``ParquetRows``). The artifact does not depend on the batch sizes.
+
 ``pairing.bucket_filter`` is applied by the train stage, not here: the pairs (and so the
 reference log-probs and the base model's evaluation) are shared by runs that train on different
 buckets, and every run is evaluated on the test pairs of every bucket.
@@ -24,16 +30,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.adapters import Loaded, adapt, load_hub, load_local
+from pipeline.adapters import AdaptedStream, Source, open_hub, open_local
 from pipeline.artifacts import Artifact, build
-from pipeline.distance import distances_and_buckets, fallback_tokenize, hf_tokenize
+from pipeline.distance import bucket_columns, distances_and_buckets, edit_distances, fallback_tokenize, hf_tokenize
 from pipeline.errors import UserError
 from pipeline.hub_revision import resolve_revision
 
@@ -43,6 +51,11 @@ SYNTHETIC_KEYS = ("name", "source", "seed", "num_problems", "num_eval_items", "k
 HUB_KEYS = ("hub_id", "split", "revision")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DISTANCES = ("char_distance", "char_ned", "token_distance", "token_ned")
+# Memory: the stage reads its source twice, BATCH_ROWS rows at a time, and never holds all its text.
+BATCH_ROWS = 4096           # source rows read, adapted, hashed and measured (pass one) or written (pass two) at once
+DISTANCE_CHUNK = 1024       # pairs per tokenizer call
+ROW_GROUP_ROWS = 65536      # pairs.parquet row groups: at most this many rows ...
+ROW_GROUP_BYTES = 64 << 20  # ... ending at the row where their text reaches this many bytes
 
 
 def short_hash(*parts: str) -> str:
@@ -57,7 +70,16 @@ def split_of(prompt: str, test_fraction: float) -> str:
     their prompt and chosen answer with training pairs. A stable hash of the prompt text alone, so
     adding rows never moves existing prompts.
     """
-    draw = int(hashlib.sha256(f"split:{prompt}".encode()).hexdigest()[:8], 16) / 2**32
+    return split_from_digest(prompt_digest(prompt), test_fraction)
+
+
+def prompt_digest(prompt: str) -> bytes:
+    """The hash a prompt's split is drawn from (its first 16 bytes also identify the prompt in stats)."""
+    return hashlib.sha256(f"split:{prompt}".encode()).digest()
+
+
+def split_from_digest(digest: bytes, test_fraction: float) -> str:
+    draw = int.from_bytes(digest[:4], "big") / 2**32  # = int(hexdigest[:8], 16) / 2**32
     return "test" if draw < test_fraction else "train"
 
 
@@ -127,31 +149,113 @@ def render_prompts(raw: list[str], messages: list[list[dict] | None], tokenizer,
             for r, m in zip(raw, messages)]
 
 
-def load_records(data: DictConfig, revision: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """(pairs, unpaired rows, stats so far, synthetic extras) from the configured source (a hub dataset at
-    commit ``revision``)."""
+class GeneratedStream:
+    """Generated pairs (already in the adapters' item shape), handed out in batches like an ``AdaptedStream``."""
+
+    schema = "synthetic_math"
+    origin = "synthetic data"
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def batches(self, check_all: bool = True) -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, len(self.items), BATCH_ROWS):
+            yield self.items[start:start + BATCH_ROWS]
+
+
+def open_records(data: DictConfig, revision: str | None = None) -> tuple[AdaptedStream | GeneratedStream, dict[str, Any]]:
+    """(the configured source's pairs or unpaired rows, batch by batch; synthetic extras) for a hub dataset
+    at commit ``revision``. A file is only checked here; it is read when the stream is iterated."""
     if data.source == "synthetic":
         from pipeline.synthetic import generate
         generated = generate(int(data.seed), int(data.num_problems), int(data.num_eval_items),
                              OmegaConf.to_container(data.kind_mix, resolve=True))
-        pairs = [{**p, "messages": None, "row": i + 1} for i, p in enumerate(generated["pairs"])]
-        stats = {"source": "synthetic", "schema": "synthetic_math", "rows_read": len(pairs), "skipped": {}, "bad_rows": []}
-        return pairs, [], stats, generated
+        pairs = [{**p, "messages": None, "row": i + 1} for i, p in enumerate(generated.pop("pairs"))]
+        return GeneratedStream(pairs), generated
     limit = int(data.limit) if data.get("limit") else None
-    loaded: Loaded = (load_local(data.path, limit) if data.source == "local"
-                      else load_hub(data.hub_id, data.split, limit, revision=revision))
+    source: Source = (open_local(data.path, limit) if data.source == "local"
+                      else open_hub(data.hub_id, data.split, limit, revision=revision))
     opts = {"strategy": data.multi_completion_strategy, "min_score_gap": data.min_score_gap,
             "assistant_marker": data.transcript.assistant_marker, "human_marker": data.transcript.human_marker}
-    adapted = adapt(loaded, str(data.schema), OmegaConf.to_container(data.columns, resolve=True), opts)
-    skipped = sum(adapted.skipped.values())
-    if skipped > float(data.max_bad_fraction) * adapted.rows_read:
-        first = ", ".join(f"row {r} ({why})" for r, why in adapted.bad_rows[:5])
-        raise UserError(f"{loaded.origin}: {skipped} of {adapted.rows_read} rows skipped, more than "
+    stream = AdaptedStream(source, str(data.schema), OmegaConf.to_container(data.columns, resolve=True), opts, BATCH_ROWS)
+    return stream, {}
+
+
+def read_stats(data: DictConfig, stream: AdaptedStream | GeneratedStream, rows: int, revision: str | None) -> dict[str, Any]:
+    """Stats of reading and adapting (after a full pass), and the data.max_bad_fraction check."""
+    if isinstance(stream, GeneratedStream):
+        return {"source": "synthetic", "schema": "synthetic_math", "rows_read": rows, "skipped": {}, "bad_rows": []}
+    counts = stream.counts
+    skipped = sum(counts.skipped.values())
+    if skipped > float(data.max_bad_fraction) * counts.rows_read:
+        first = ", ".join(f"row {r} ({why})" for r, why in counts.bad_rows[:5])
+        raise UserError(f"{stream.origin}: {skipped} of {counts.rows_read} rows skipped, more than "
                         f"data.max_bad_fraction={data.max_bad_fraction}; first: {first}")
-    stats = {"source": data.source, "origin": loaded.origin, **({"revision": revision} if revision else {}),
-             "schema": adapted.schema, "rows_read": adapted.rows_read,
-             "skipped": dict(adapted.skipped), "bad_rows": adapted.bad_rows[:20]}
-    return adapted.pairs, adapted.unpaired, stats, {}
+    return {"source": data.source, "origin": stream.origin, **({"revision": revision} if revision else {}),
+            "schema": counts.schema, "rows_read": counts.rows_read,
+            "skipped": dict(counts.skipped), "bad_rows": counts.bad_rows[:20]}
+
+
+def id_number(pair_id: str) -> int:
+    """A 16-hex-digit id as an integer (equal ids <=> equal numbers): 8 bytes a pair instead of a string."""
+    return int(pair_id, 16)
+
+
+@dataclass
+class Scan:
+    """The first pass over the pairs: a few dozen bytes per pair, never the texts.
+
+    ``ids`` (pair_id as a number), ``kinds`` (index into ``kind_names``), ``messages`` (has a chat
+    context), ``test`` (split), ``prompts`` (16 bytes of a hash of raw_prompt, for prompts per split) and
+    ``columns`` (the four distances) hold one entry per pair in source order, duplicates included;
+    ``unpaired`` the row_id numbers of unpaired rows.
+    """
+    ids: np.ndarray
+    kinds: np.ndarray
+    kind_names: list[str]
+    messages: np.ndarray
+    test: np.ndarray
+    prompts: np.ndarray
+    columns: dict[str, np.ndarray]
+    unpaired: np.ndarray
+
+    @staticmethod
+    def first_occurrences(ids: np.ndarray) -> np.ndarray:
+        """True for the first pair (or row) of each id, in order: what ``drop_duplicates(keep="first")`` keeps."""
+        keep = np.zeros(len(ids), dtype=bool)
+        keep[np.unique(ids, return_index=True)[1]] = True
+        return keep
+
+
+def scan_pairs(stream: AdaptedStream | GeneratedStream, tokenize, test_fraction: float) -> Scan:
+    """Pass one: read and adapt every row, hash every pair and compute its distances, one batch at a time
+    (what a batch builds, its tokenizer output above all, is dropped before the next one)."""
+    parts: dict[str, list[Any]] = {name: [] for name in ("ids", "kinds", "messages", "test", "prompts", "unpaired", *DISTANCES)}
+    kind_codes: dict[str, int] = {}
+    for items in stream.batches():
+        count = len(items)
+        if stream.schema == "unpaired":
+            parts["unpaired"].append(np.fromiter(
+                (id_number(short_hash(r["raw_prompt"], r["completion"], str(r["label"]))) for r in items), np.uint64, count))
+            continue
+        parts["ids"].append(np.fromiter((id_number(short_hash(p["raw_prompt"], p["chosen"], p["rejected"])) for p in items),
+                                        np.uint64, count))
+        parts["kinds"].append(np.fromiter((kind_codes.setdefault(p["kind"], len(kind_codes)) for p in items), np.int32, count))
+        parts["messages"].append(np.fromiter((bool(p.get("messages")) for p in items), bool, count))
+        digests = [prompt_digest(p["raw_prompt"]) for p in items]
+        parts["test"].append(np.fromiter((split_from_digest(d, test_fraction) == "test" for d in digests), bool, count))
+        parts["prompts"].append(np.frombuffer(b"".join(d[:16] for d in digests), dtype=np.uint64).reshape(count, 2))
+        columns = edit_distances([p["chosen"] for p in items], [p["rejected"] for p in items], tokenize, chunk=DISTANCE_CHUNK)
+        for name in DISTANCES:
+            parts[name].append(columns[name])
+    empty = {"ids": np.uint64, "kinds": np.int32, "messages": bool, "test": bool, "unpaired": np.uint64,
+             "char_distance": np.int64, "char_ned": np.float64, "token_distance": np.int64, "token_ned": np.float64}
+    joined = {name: np.concatenate(chunks) if chunks else np.zeros(0, dtype=empty[name])
+              for name, chunks in parts.items() if name != "prompts"}
+    prompts = np.concatenate(parts["prompts"]) if parts["prompts"] else np.zeros((0, 2), dtype=np.uint64)
+    return Scan(ids=joined["ids"], kinds=joined["kinds"], kind_names=list(kind_codes), messages=joined["messages"],
+                test=joined["test"], prompts=prompts, columns={name: joined[name] for name in DISTANCES},
+                unpaired=joined["unpaired"])
 
 
 def build_pairs_frame(pairs: list[dict[str, Any]], prompts: list[str], source: str, test_fraction: float) -> tuple[pd.DataFrame, int]:
@@ -172,17 +276,144 @@ def build_pairs_frame(pairs: list[dict[str, Any]], prompts: list[str], source: s
     return frame, before - len(frame)
 
 
-def write_unpaired(rows: list[dict[str, Any]], tokenizer, pairing: DictConfig, path: Path) -> int:
+def unpaired_frame(rows: list[dict[str, Any]], tokenizer, pairing: DictConfig) -> pd.DataFrame:
     raw = [r["raw_prompt"] for r in rows]
     ids = [short_hash(r["raw_prompt"], r["completion"], str(r["label"])) for r in rows]
-    frame = pd.DataFrame({
+    return pd.DataFrame({
         "row_id": ids,
         "prompt": render_prompts(raw, [r["messages"] for r in rows], tokenizer, bool(pairing.apply_chat_template)),
         "raw_prompt": raw, "completion": [r["completion"] for r in rows], "label": [bool(r["label"]) for r in rows],
         "split": [split_of(p, float(pairing.test_fraction)) for p in raw],
     }).drop_duplicates("row_id")
-    frame.to_parquet(path, index=False)
-    return len(frame)
+
+
+def string_bytes(table: pa.Table) -> np.ndarray:
+    """Bytes of text in each row of ``table`` (its string columns)."""
+    import pyarrow.compute as pc
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column, field in zip(table.columns, table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy().astype(np.int64)
+    return sizes
+
+
+class ParquetRows:
+    """A Parquet file written as its rows arrive, as ``DataFrame.to_parquet`` writes it whole (same schema
+    and pandas metadata, snappy), but in row groups of at most ``ROW_GROUP_ROWS`` rows, each ending at the
+    row where its text reaches ``ROW_GROUP_BYTES``. Groups are cut at the same rows whatever the frames
+    written, so the file does not depend on the batch size; one that fits in one group is byte for byte
+    the file ``to_parquet`` writes."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        import pyarrow.parquet as pq
+        self.schema = schema
+        self.writer = pq.ParquetWriter(path, schema, compression="snappy")
+        self.held: list[pa.Table] = []
+
+    def write(self, frame: pd.DataFrame) -> None:
+        self.held.append(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        while self.held:
+            table = pa.concat_tables(self.held)
+            ends = np.cumsum(string_bytes(table))
+            cut = min(table.num_rows, ROW_GROUP_ROWS, int(np.searchsorted(ends, ROW_GROUP_BYTES)) + 1)
+            if not (final or cut < table.num_rows or cut == ROW_GROUP_ROWS or ends[cut - 1] >= ROW_GROUP_BYTES):
+                self.held = [table]  # the group is not full yet
+                return
+            self.writer.write_table(table.slice(0, cut).combine_chunks(), row_group_size=cut)
+            self.held = [table.slice(cut)] if cut < table.num_rows else []
+
+    def close(self) -> None:
+        self.flush(final=True)
+        self.writer.close()
+
+
+def frame_schema(frame: pd.DataFrame, strings: tuple[str, ...] = ()) -> pa.Schema:
+    """The Arrow schema (with pandas metadata) ``to_parquet`` gives the whole frame of which ``frame`` is a
+    part: a column named in ``strings`` holds text somewhere in the whole frame, even if null throughout here."""
+    probe = frame.iloc[:1].copy()
+    for name in strings:
+        probe[name] = "text"
+    return pa.Schema.from_pandas(probe, preserve_index=False)
+
+
+def changed(origin: str) -> UserError:
+    return UserError(f"{origin}: the data changed while the pair stage was reading it (the rows differ between its "
+                     f"two passes); run again once it is complete")
+
+
+def write_unpaired_stream(stream: AdaptedStream, keep: np.ndarray, ids: np.ndarray, tokenizer, pairing: DictConfig,
+                          path: Path) -> int:
+    """Pass two for unpaired rows: the first row of each row_id, written batch by batch."""
+    kept_ids = ids[keep]
+    writer: ParquetRows | None = None
+    index = written = 0
+    for rows in stream.batches(check_all=False):
+        selected = [r for r, kept in zip(rows, keep[index:index + len(rows)]) if kept]
+        index += len(rows)
+        if not selected:
+            continue
+        frame = unpaired_frame(selected, tokenizer, pairing)
+        stop = written + len(frame)
+        if stop > len(kept_ids) or not np.array_equal(np.fromiter(map(id_number, frame["row_id"]), np.uint64, len(frame)),
+                                                      kept_ids[written:stop]):
+            raise changed(stream.origin)
+        written = stop
+        writer = writer or ParquetRows(path, frame_schema(frame))
+        writer.write(frame)
+    if index != len(keep) or written != len(kept_ids) or writer is None:
+        raise changed(stream.origin)
+    writer.close()
+    return written
+
+
+def write_pairs(stream: AdaptedStream | GeneratedStream, scan: Scan, keep: np.ndarray, columns: dict[str, np.ndarray],
+                tokenizer, pairing: DictConfig, source: str, path: Path) -> None:
+    """Pass two: the kept pairs with their prompts, split, distances and bucket, written batch by batch."""
+    kept_ids = scan.ids[keep]
+    any_messages = bool(scan.messages[keep].any())
+    writer: ParquetRows | None = None
+    index = written = 0
+    for items in stream.batches(check_all=False):
+        selected = [p for p, kept in zip(items, keep[index:index + len(items)]) if kept]
+        index += len(items)
+        if not selected:
+            continue
+        prompts = render_prompts([p["raw_prompt"] for p in selected], [p["messages"] for p in selected], tokenizer,
+                                 bool(pairing.apply_chat_template))
+        frame, dropped = build_pairs_frame(selected, prompts, source, float(pairing.test_fraction))
+        stop = written + len(frame)
+        ids = np.fromiter(map(id_number, frame["pair_id"]), np.uint64, len(frame))
+        if dropped or stop > len(kept_ids) or not np.array_equal(ids, kept_ids[written:stop]):
+            raise changed(stream.origin)
+        for name, values in columns.items():
+            frame[name] = values[written:stop]
+        written = stop
+        writer = writer or ParquetRows(path, frame_schema(frame, ("prompt_messages",) if any_messages else ()))
+        writer.write(frame)
+    if index != len(keep) or written != len(kept_ids) or writer is None:
+        raise changed(stream.origin)
+    writer.close()
+
+
+def pair_summary(scan: Scan, keep: np.ndarray, bucket: np.ndarray) -> pd.DataFrame:
+    """The kept pairs' kind, split, bucket and distances: the columns of pairs.parquet that stats.json and
+    the histogram are computed from (the same values and dtypes)."""
+    return pd.DataFrame({
+        "kind": np.asarray(scan.kind_names, dtype=object)[scan.kinds[keep]],
+        "split": np.where(scan.test[keep], "test", "train").astype(object),
+        **{name: scan.columns[name][keep] for name in DISTANCES},
+        "bucket": bucket,
+    })
+
+
+def prompts_per_split(scan: Scan, keep: np.ndarray) -> dict[str, int]:
+    """Distinct raw prompts per split (the split is drawn per prompt), as ``groupby("split").nunique()``."""
+    prompts, test = scan.prompts[keep], scan.test[keep]
+    return {name: int(len(np.unique(prompts[mask], axis=0))) for name, mask in (("test", test), ("train", ~test))
+            if mask.any()}
 
 
 def quantiles(values: pd.Series) -> dict[str, float]:
@@ -222,30 +453,43 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
 
     def compute(workdir: Path) -> dict[str, Any]:
         data, pairing = cfg.data, cfg.pairing
-        pairs, unpaired, stats, extras = load_records(data, subset["data"].get("revision"))
+        revision = subset["data"].get("revision")
+        stream, extras = open_records(data, revision)
         tokenizer = load_tokenizer_of(model_upstream)
+        tokenize = hf_tokenize(tokenizer) if tokenizer is not None else fallback_tokenize
+        scan = scan_pairs(stream, tokenize, float(pairing.test_fraction))
+        stats = read_stats(data, stream, len(scan.ids), revision)
         stats["tokenizer"] = "model" if tokenizer is not None else "regex_fallback"
         stats["prompt_format"] = "chat_template" if tokenizer is not None and pairing.apply_chat_template else "plain"
-        if unpaired:
-            stats["unpaired_rows"] = write_unpaired(unpaired, tokenizer, pairing, workdir / "unpaired.parquet")
-        if not pairs and not unpaired:
+        if len(scan.unpaired):
+            stats["unpaired_rows"] = write_unpaired_stream(stream, scan.first_occurrences(scan.unpaired), scan.unpaired,
+                                                           tokenizer, pairing, workdir / "unpaired.parquet")
+        if not len(scan.ids) and not len(scan.unpaired):
             raise UserError(f"data ({stats.get('origin', data.source)}): no usable pairs left after skipping rows {stats['skipped']}")
-        prompts = render_prompts([p["raw_prompt"] for p in pairs], [p["messages"] for p in pairs], tokenizer,
-                                 bool(pairing.apply_chat_template))
-        frame, duplicates = build_pairs_frame(pairs, prompts, str(data.name), float(pairing.test_fraction))
+        render_prompts([], [], tokenizer, bool(pairing.apply_chat_template))  # a missing chat template fails here
+        keep = scan.first_occurrences(scan.ids)
+        kept = int(keep.sum())
+        duplicates = len(keep) - kept
         if duplicates:
             print(f"[pair] {duplicates} duplicate pair(s) dropped (same prompt, chosen and rejected as an earlier row); "
-                  f"{len(frame)} pairs kept", flush=True)
-        tokenize = hf_tokenize(tokenizer) if tokenizer is not None else fallback_tokenize
+                  f"{kept} pairs kept", flush=True)
         edges_cfg = OmegaConf.to_container(pairing.bucket_edges) if pairing.bucket_edges is not None else None
         labels_cfg = OmegaConf.to_container(pairing.bucket_labels) if pairing.bucket_labels is not None else None
-        columns, edges, labels = distances_and_buckets(frame["chosen"].tolist(), frame["rejected"].tolist(), tokenize,
-                                                       str(pairing.unit), edges_cfg, pairing.quantiles, labels_cfg)
-        for name, values in columns.items():
-            frame[name] = values
-        frame.to_parquet(workdir / "pairs.parquet", index=False)
-        if len(frame):
+        if kept:
+            columns = {name: scan.columns[name][keep] for name in DISTANCES}
+            columns["bucket"], edges, labels = bucket_columns(columns, str(pairing.unit), edges_cfg, pairing.quantiles,
+                                                              labels_cfg)
+            write_pairs(stream, scan, keep, columns, tokenizer, pairing, str(data.name), workdir / "pairs.parquet")
+            frame = pair_summary(scan, keep, columns.pop("bucket"))
+            del columns
             plot_histogram(frame, str(pairing.unit), edges, workdir / "histogram.png")
+        else:  # no pairs (unpaired rows only): the empty table, as it always was
+            frame, _ = build_pairs_frame([], [], str(data.name), float(pairing.test_fraction))
+            columns, edges, labels = distances_and_buckets([], [], tokenize, str(pairing.unit), edges_cfg,
+                                                           pairing.quantiles, labels_cfg)
+            for name, values in columns.items():
+                frame[name] = values
+            frame.to_parquet(workdir / "pairs.parquet", index=False)
         if extras:
             write_jsonl(workdir / "eval_mc.jsonl", extras["eval_mc"])
             write_jsonl(workdir / "eval_gen.jsonl", extras["eval_gen"])
@@ -255,7 +499,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
             "rows_skipped": sum(stats["skipped"].values()),
             "pairs_per_kind": dict(Counter(frame["kind"])), "pairs_per_bucket": dict(Counter(frame["bucket"])),
             "pairs_per_split": dict(Counter(frame["split"])),
-            "prompts_per_split": {str(k): int(v) for k, v in frame.groupby("split")["raw_prompt"].nunique().items()},
+            "prompts_per_split": prompts_per_split(scan, keep),
             "pairs_per_kind_bucket": {f"{k}/{b}": int(n) for (k, b), n in frame.groupby(["kind", "bucket"]).size().items()},
             "bucket_unit": str(pairing.unit), "bucket_edges": edges.tolist(), "bucket_labels": labels,
             "quantiles": {name: quantiles(frame[name]) for name in DISTANCES},
