@@ -70,6 +70,7 @@ bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md); installs TRL
 	$(PY) bench/train_vs_trl.py
 	$(PY) bench/eval_vs_cli.py
 	$(PY) bench/sweep_cost.py
+	$(PY) bench/pair_memory.py --rows 200000 1000000
 
 clean: ## Remove artifacts and run folders (keeps .venv)
 	rm -rf artifacts runs multirun outputs .cache/wandb
