@@ -1,4 +1,4 @@
-"""Load preference data (local files or the hub) and adapt its schema to pairs.
+"""Adapt preference data (read by pipeline/readers.py) from its schema to pairs.
 
 Schemas (``data.schema``; ``auto`` detects one from the column names and logs it):
   (a) prompt_chosen_rejected  explicit prompt/chosen/rejected strings (Smaug's sets)
@@ -14,30 +14,19 @@ to rejected, NaN score) are skipped and counted by reason.
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
-import json
 import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from pipeline.errors import UserError
+from pipeline.readers import BATCH_ROWS, Loaded, Source
 from pipeline.synthetic import mc_prompt
 
 SCHEMAS = ("prompt_chosen_rejected", "chat_messages", "transcript", "scored_completions", "multiple_choice", "unpaired")
 STRATEGIES = ("best_vs_worst", "best_vs_each", "all_pairs")
-FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-@dataclass
-class Loaded:
-    records: list[dict[str, Any]]
-    origin: str          # what error messages name: the file path or hub id:split
 
 
 @dataclass
@@ -58,220 +47,6 @@ class Adapted:
 
 class SkipRow(Exception):
     """A row-level problem: the row is skipped and counted under this reason."""
-
-
-# ---------------------------------------------------------------- loading
-
-BATCH_ROWS = 4096  # records per batch when a source is read batch by batch
-
-
-class Source:
-    """The records of one file or hub split, read batch by batch, from the start each time ``batches``
-    is called: the pair stage reads its input twice and never holds all of it (JSONL and Parquet are
-    read as they go; a JSON file is parsed whole and a CSV file into one DataFrame, then handed out in
-    batches). The errors are those of reading the whole file at once, in the same order: a byte that is
-    not UTF-8 anywhere in a JSONL file comes before its first invalid line, and the rest of a file past
-    ``limit`` is still checked."""
-
-    def __init__(self, origin: str, read: Callable[[int], Iterator[list[dict[str, Any]]]], limit: int | None = None):
-        self.origin = origin
-        self._read = read  # batch size -> record lists in file order
-        self.limit = limit or None
-
-    def batches(self, size: int = BATCH_ROWS, check_all: bool = True) -> Iterator[list[dict[str, Any]]]:
-        """Lists of at most ``size`` records; ``check_all=False`` stops at ``limit`` instead of reading the
-        rest for errors (a second pass over a file already read once)."""
-        remaining = self.limit
-        for batch in self._read(size):
-            if remaining is None:
-                yield batch
-                continue
-            if remaining > 0 and batch:
-                part = batch[:remaining]
-                remaining -= len(part)
-                yield part
-            if remaining == 0 and not check_all:
-                return
-
-    def records(self) -> list[dict[str, Any]]:
-        return [record for batch in self.batches() for record in batch]
-
-
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(not_utf8(path, error.start)) from None
-
-
-def not_utf8(path: Path, offset: int) -> str:
-    return f"{path}: not UTF-8 text (invalid byte at offset {offset}); re-save the file as UTF-8"
-
-
-def jsonl_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
-    """JSONL records, ``size`` at a time, read line by line: the same lines, line numbers and errors as
-    decoding the whole file (``utf-8-sig``) and splitting it with ``str.splitlines``. A UTF-8 sequence
-    never contains the byte 0x0A, so each newline-terminated piece decodes alone; offsets count from
-    after a byte-order mark, as the whole-file decode does."""
-    batch: list[dict[str, Any]] = []
-    number = offset = bom = 0
-    pending: UserError | None = None
-    with path.open("rb") as handle:
-        for raw in handle:
-            try:
-                text = raw.decode("utf-8-sig") if offset == 0 else raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise UserError(not_utf8(path, error.start if offset == 0 else offset - bom + error.start)) from None
-            if offset == 0 and raw.startswith(codecs.BOM_UTF8):
-                bom = len(codecs.BOM_UTF8)
-            offset += len(raw)
-            if pending is not None:
-                continue  # decoding only: a non-UTF-8 byte further on is still the error reported
-            for line in text.splitlines():
-                number += 1
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as error:
-                    pending = UserError(f"{path} line {number}: invalid JSON ({error.msg}); expected one JSON object per line")
-                    break
-                if not isinstance(value, dict):
-                    pending = UserError(f"{path} line {number}: expected a JSON object, got {type(value).__name__}")
-                    break
-                batch.append(value)
-            if pending is None and len(batch) >= size:
-                yield batch
-                batch = []
-    if pending is not None:
-        raise pending
-    if batch:
-        yield batch
-
-
-def read_json(path: Path) -> list[dict[str, Any]]:
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
-    if isinstance(value, dict):  # {"data": [...]} or {"train": [...]}: one list of records inside
-        lists = [v for v in value.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise UserError(f"{path}: expected a JSON list of objects (or an object holding exactly one such list)")
-        value = lists[0]
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise UserError(f"{path}: expected a JSON list of objects")
-    return value
-
-
-def read_parquet(path: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as error:  # pyarrow raises several types for a corrupt file
-        raise UserError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
-
-
-def parquet_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
-    """Parquet records, ``size`` at a time (the same values as ``read_parquet``, one batch decoded at a time)."""
-    import pyarrow.parquet as pq
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
-            yield batch.to_pylist()
-    except Exception:
-        read_parquet(path)  # a corrupt file: the message of reading it whole
-        raise
-
-
-def csv_frame(path: Path):
-    import pandas as pd
-    text = read_text(path)  # names non-UTF-8 files the same way as the other formats
-    header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
-    del text
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:  # pandas would silently rename the second one ("x.1") and read the first
-        raise UserError(f"{path}: column(s) {repeated} appear more than once in the header; expected unique column names")
-    try:
-        return pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
-    except Exception as error:
-        raise UserError(f"{path}: not a readable CSV file ({type(error).__name__}: {error})") from None
-
-
-def frame_records(frame) -> list[dict[str, Any]]:
-    native = lambda v: v.item() if hasattr(v, "item") else v  # noqa: E731  numpy scalars -> Python
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in ((k, native(v)) for k, v in row.items())}
-            for row in frame.to_dict(orient="records")]
-
-
-def held(load: Callable[[], Any], rows: Callable[[Any, int, int], list[dict[str, Any]]]) -> Callable[[int], Iterator[list[dict[str, Any]]]]:
-    """Batches of something read whole once (a JSON list, a CSV DataFrame, a hub dataset) and kept for the
-    next pass; ``rows(data, start, stop)`` gives one batch's records."""
-    kept: list[Any] = []
-
-    def read(size: int) -> Iterator[list[dict[str, Any]]]:
-        if not kept:
-            kept.append(load())
-        data = kept[0]
-        for start in range(0, len(data), size):
-            yield rows(data, start, min(start + size, len(data)))
-    return read
-
-
-BATCH_READERS: dict[str, Callable[[Path], Callable[[int], Iterator[list[dict[str, Any]]]]]] = {
-    "jsonl": lambda path: lambda size: jsonl_batches(path, size),
-    "parquet": lambda path: lambda size: parquet_batches(path, size),
-    "json": lambda path: held(lambda: read_json(path), lambda data, start, stop: data[start:stop]),
-    "csv": lambda path: held(lambda: csv_frame(path), lambda frame, start, stop: frame_records(frame.iloc[start:stop])),
-}
-
-
-def guarded(path: Path, read: Callable[[int], Iterator[list[dict[str, Any]]]]) -> Callable[[int], Iterator[list[dict[str, Any]]]]:
-    def reading(size: int) -> Iterator[list[dict[str, Any]]]:
-        try:
-            yield from read(size)
-        except OSError as error:
-            raise UserError(f"data.path={path}: cannot read ({error.strerror})") from None
-    return reading
-
-
-def open_local(path: str | Path, limit: int | None = None) -> Source:
-    """A local JSONL, JSON, Parquet or CSV file as a ``Source`` (checked now, read batch by batch later)."""
-    path = Path(os.path.expanduser(str(path)))
-    if not path.exists():
-        raise UserError(f"data.path={path}: file not found")
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise UserError(f"data.path={path}: not a readable file")
-    kind = FILE_TYPES.get(path.suffix.lower())
-    if kind is None:
-        raise UserError(f"data.path={path}: unknown file type '{path.suffix}'; expected one of {sorted(FILE_TYPES)}")
-    return Source(str(path), guarded(path, BATCH_READERS[kind](path)), limit)
-
-
-def load_local(path: str | Path, limit: int | None = None) -> Loaded:
-    source = open_local(path, limit)
-    return Loaded(source.records(), source.origin)
-
-
-def open_hub(hub_id: str, split: str, limit: int | None = None, revision: str | None = None) -> Source:
-    """A hub dataset split as a ``Source``: loaded (memory-mapped Arrow) now, converted to records batch by batch."""
-    try:
-        import datasets
-        dataset = datasets.load_dataset(hub_id, split=split, revision=revision)
-    except Exception as error:  # offline, unknown id, missing split: one line for the user either way
-        reason = " ".join(str(error).split())[:200]
-        raise UserError(f"data.hub_id={hub_id} split={split}: cannot load from the Hugging Face hub "
-                        f"(unreachable offline or unknown id: {type(error).__name__}: {reason}); "
-                        f"download the file and use data=local data.path=<file> (JSONL, JSON, Parquet or CSV)") from None
-    if limit:
-        dataset = dataset.select(range(min(int(limit), len(dataset))))
-    origin = f"{hub_id}@{revision}:{split}" if revision else f"{hub_id}:{split}"
-    return Source(origin, held(lambda: dataset, lambda data, start, stop: data.select(range(start, stop)).to_list()))
-
-
-def load_hub(hub_id: str, split: str, limit: int | None = None, revision: str | None = None) -> Loaded:
-    source = open_hub(hub_id, split, limit, revision)
-    return Loaded(source.records(), source.origin)
 
 
 # ---------------------------------------------------------------- field access
@@ -517,6 +292,30 @@ def detect_schema(records: list[dict[str, Any]], cols: dict[str, str], origin: s
                     f"(with column names {dict(cols)}); set data.schema and data.columns.* to match")
 
 
+# Public datasets in the layout they are published in: (name, columns that identify it, schema, the column
+# roles). Tried only when no schema matches under data.columns, so a mapping of your own always wins.
+LAYOUTS = (
+    ("ARC (allenai/ai2_arc)", ("question", "choices", "answerKey"), "multiple_choice", {"answer": "answerKey"}),
+    ("HellaSwag (Rowan/hellaswag)", ("ctx", "endings", "label"), "multiple_choice",
+     {"question": "ctx", "choices": "endings", "answer": "label"}),
+    ("UltraFeedback (openbmb/UltraFeedback)", ("instruction", "completions"), "scored_completions",
+     {"prompt": "instruction", "completion_text": "response", "completion_score": "overall_score"}),
+)
+
+
+def detect_layout(records: list[dict[str, Any]], cols: dict[str, str], origin: str) -> tuple[str, dict[str, str]]:
+    """(schema, column roles): ``detect_schema`` under ``cols``, else a known public layout (``LAYOUTS``)."""
+    try:
+        return detect_schema(records, cols, origin), cols
+    except UserError:
+        keys = set().union(*(r.keys() for r in records[:100]))
+        for name, needed, schema, roles in LAYOUTS:
+            if set(needed) <= keys:
+                print(f"[pair] {origin}: recognised the {name} layout: schema '{schema}', columns {roles}", flush=True)
+                return schema, {**cols, **roles}
+        raise
+
+
 def can_detect(records: list[dict[str, Any]], cols: dict[str, str]) -> bool:
     """Whether ``detect_schema`` on these first records of a longer source gives what it would on all of
     them: 100 records seen, and a non-null ``chosen`` among them when the answer depends on one."""
@@ -529,16 +328,17 @@ def can_detect(records: list[dict[str, Any]], cols: dict[str, str]) -> bool:
     return not has("chosen", "rejected") or any(r.get(cols["chosen"]) is not None for r in records)
 
 
-def resolve_schema(records: list[dict[str, Any]], schema: str, cols: dict[str, str], opts: dict[str, Any], origin: str) -> str:
-    """``data.schema`` checked, or detected from the records (and logged) when ``auto``."""
+def resolve_schema(records: list[dict[str, Any]], schema: str, cols: dict[str, str], opts: dict[str, Any],
+                   origin: str) -> tuple[str, dict[str, str]]:
+    """(schema, column roles): ``data.schema`` checked, or detected from the records (and logged) when ``auto``."""
     if schema == "auto":
-        schema = detect_schema(records, cols, origin)
+        schema, cols = detect_layout(records, cols, origin)
         print(f"[pair] {origin}: detected schema '{schema}'", flush=True)
     if schema not in ADAPTERS:
         raise UserError(f"data.schema={schema!r}: expected auto or one of {list(SCHEMAS)}")
     if opts.get("strategy") not in STRATEGIES and schema == "scored_completions":
         raise UserError(f"data.multi_completion_strategy={opts.get('strategy')!r}: expected one of {list(STRATEGIES)}")
-    return schema
+    return schema, cols
 
 
 def adapt_rows(records: list[dict[str, Any]], first: int, result: Adapted, cols: dict[str, str], opts: dict[str, Any],
@@ -561,7 +361,7 @@ def adapt(loaded: Loaded, schema: str, cols: dict[str, str], opts: dict[str, Any
     """Turn every record into pairs (or unpaired rows); ``opts``: strategy, min_score_gap, markers."""
     if not loaded.records:
         raise UserError(f"{loaded.origin}: the dataset is empty (0 rows)")
-    schema = resolve_schema(loaded.records, schema, cols, opts, loaded.origin)
+    schema, cols = resolve_schema(loaded.records, schema, cols, opts, loaded.origin)
     result = Adapted(schema=schema, rows_read=len(loaded.records))
     items = adapt_rows(loaded.records, 1, result, cols, opts, loaded.origin)
     (result.unpaired if schema == "unpaired" else result.pairs).extend(items)
@@ -601,7 +401,7 @@ class AdaptedStream:
                     raise UserError(f"{self.origin}: the dataset is empty (0 rows)")
                 if not final and self.requested == "auto" and not can_detect(records, self.cols):
                     return []
-                self.schema = resolve_schema(records, self.requested, self.cols, self.opts, self.origin)
+                self.schema, self.cols = resolve_schema(records, self.requested, self.cols, self.opts, self.origin)
                 counts.schema = self.schema
                 head.clear()
             produced = []

@@ -15,7 +15,7 @@ Artifact files:
 - synthetic data only: ``eval_mc.jsonl`` and ``eval_gen.jsonl``, held-out problems.
 
 Memory: the source is read twice, ``BATCH_ROWS`` rows at a time, and never held whole (JSONL and Parquet
-files are read as they go, see ``pipeline.adapters.Source``). Pass one adapts and hashes every pair and
+files are read as they go, see ``pipeline.readers.Source``). Pass one adapts and hashes every pair and
 computes its distances, keeping a few dozen bytes per pair (``Scan``); duplicates and quantile edges are
 then decided over all pairs. Pass two renders the kept pairs' prompts and writes pairs.parquet row group
 by row group (``ParquetRows``). The artifact does not depend on the batch sizes.
@@ -39,7 +39,8 @@ import pandas as pd
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.adapters import AdaptedStream, Source, open_hub, open_local
+from pipeline.adapters import AdaptedStream
+from pipeline.readers import Source, open_hub, open_local
 from pipeline.artifacts import Artifact, build
 from pipeline.distance import bucket_columns, distances_and_buckets, edit_distances, fallback_tokenize, hf_tokenize
 from pipeline.errors import UserError

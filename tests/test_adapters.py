@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.adapters import SCHEMAS, Loaded, adapt, detect_schema, load_hub, load_local
+from pipeline.adapters import SCHEMAS, adapt, detect_schema
+from pipeline.readers import Loaded, load_hub, load_local
 from pipeline.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -230,3 +231,29 @@ def test_hub_offline_is_one_line_pointing_to_local_files():
 def test_loaded_records_pass_through_unchanged():
     loaded = Loaded([{"prompt": "p", "chosen": "a", "rejected": "b"}], "memory")
     assert adapt(loaded, "prompt_chosen_rejected", COLUMNS, OPTS).pairs[0]["kind"] == "explicit"
+
+
+@pytest.mark.parametrize("fixture, schema, expected", [
+    ("arc_challenge.jsonl", "multiple_choice", 5),   # 3 + 2 distractors
+    ("hellaswag.jsonl", "multiple_choice", 3),
+    ("ultrafeedback_scored.jsonl", "scored_completions", None),
+])
+def test_public_layouts_are_recognised_without_column_mappings(fixture, schema, expected, capsys):
+    """ARC, HellaSwag and raw UltraFeedback as published: auto-detection maps their columns itself and gives
+    the pairs that the explicit mapping gives."""
+    mapping = {"arc_challenge.jsonl": {"answer": "answerKey"},
+               "hellaswag.jsonl": {"question": "ctx", "choices": "endings", "answer": "label"},
+               "ultrafeedback_scored.jsonl": {"prompt": "instruction", "completion_text": "response",
+                                              "completion_score": "overall_score"}}[fixture]
+    found = run_adapter(FIXTURES / fixture)
+    assert found.schema == schema and "recognised the" in capsys.readouterr().out
+    explicit = run_adapter(FIXTURES / fixture, schema, mapping)
+    assert found.pairs == explicit.pairs and len(found.pairs) == (expected or len(explicit.pairs)) > 0
+
+
+def test_a_users_mapping_wins_over_a_known_layout(tmp_path):
+    rows = [{"question": "2 + 2?", "choices": ["3", "4", "5"], "answerKey": "A", "gold": 1}]
+    path = tmp_path / "arc_like.jsonl"
+    path.write_text(json.dumps(rows[0]))
+    assert {p["chosen"] for p in run_adapter(path, columns={"answer": "gold"}).pairs} == {"4"}
+    assert {p["chosen"] for p in run_adapter(path).pairs} == {"3"}  # the layout's answerKey "A"

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import pair
-from pipeline.adapters import adapt, load_local
+from pipeline.adapters import adapt
+from pipeline.readers import load_local
 from pipeline.distance import distances_and_buckets, fallback_tokenize
 from pipeline.errors import UserError
 from tests.conftest import compose_config
