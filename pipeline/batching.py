@@ -12,6 +12,9 @@ Truncation rules (documented once, used everywhere):
   at its END so that prompt + response <= ``max_length`` (a cut response loses its EOS).
 - Chosen and rejected of a batch go through ONE forward: rows ``[0, B)`` are chosen, ``[B, 2B)``
   rejected, right-padded with ``pad_id``.
+- A one-sided row (unpaired data: only a chosen or only a rejected response) is one sequence,
+  ``OneSidedEncoding``, forwarded alone (one row, no padding); ``encode_row`` picks the form from which
+  sides a row has.
 """
 
 from __future__ import annotations
@@ -76,9 +79,45 @@ def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: 
     return PairEncoding(chosen_ids, rejected_ids, chosen_start, rejected_start)
 
 
+@dataclass(frozen=True)
+class OneSidedEncoding:
+    """A row with one response: ``side`` is "chosen" (label true) or "rejected"; the other side is absent."""
+
+    ids: list[int]
+    start: int
+    side: str
+
+
+@dataclass(frozen=True)
+class DroppedEncoding:
+    """A pair of which the train view keeps only ``kept`` (``train.drop_one_side``); the pair is still
+    forwarded whole, in its pair layout, so the kept side scores exactly as the reference stage scored it."""
+
+    pair: PairEncoding
+    kept: str
+
+
+def present(text) -> bool:
+    """A response is there: a string (an absent side is None, or NaN after a round trip through pandas)."""
+    return isinstance(text, str)
+
+
+def encode_row(tokenizer, prompt: str, chosen, rejected, max_length: int, max_prompt_length: int
+               ) -> PairEncoding | OneSidedEncoding:
+    """A pair when both sides are present, else the one present side as a ``OneSidedEncoding``."""
+    if present(chosen) and present(rejected):
+        return encode_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length)
+    if not (present(chosen) or present(rejected)):
+        raise ValueError("a row needs a chosen or a rejected response")
+    side, text = ("chosen", chosen) if present(chosen) else ("rejected", rejected)
+    ids, start = encode_response(tokenizer, prompt, text, max_length, max_prompt_length)
+    return OneSidedEncoding(ids, start, side)
+
+
 def encode_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                 max_length: int, max_prompt_length: int) -> list[PairEncoding]:
-    return [encode_pair(tokenizer, p, c, r, max_length, max_prompt_length) for p, c, r in zip(prompts, chosen, rejected)]
+                 max_length: int, max_prompt_length: int) -> list[PairEncoding | OneSidedEncoding]:
+    """Every row encoded by ``encode_row`` (pairs, and one-sided rows where a side is None)."""
+    return [encode_row(tokenizer, p, c, r, max_length, max_prompt_length) for p, c, r in zip(prompts, chosen, rejected)]
 
 
 def collate(encodings: Sequence[PairEncoding], pad_id: int) -> dict[str, torch.Tensor]:
@@ -87,6 +126,11 @@ def collate(encodings: Sequence[PairEncoding], pad_id: int) -> dict[str, torch.T
     Rows ``[0, B)`` are the chosen responses, rows ``[B, 2B)`` the rejected ones, in pair order.
     """
     rows = [(e.chosen_ids, e.chosen_start) for e in encodings] + [(e.rejected_ids, e.rejected_start) for e in encodings]
+    return collate_rows(rows, pad_id)
+
+
+def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``(token ids, first response index)`` per row -> right-padded ``[N, T]`` tensors, as ``collate``."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -24,7 +24,8 @@ Artifact files of ``evaluate`` (``lm_eval`` holds ``lm_eval_results.json``, ``sa
   mean of the headline metrics, "settings": {...}, "model": "base" | "trained"}.
 - ``samples/<task>.jsonl``: lm-eval's logged samples (prompts, responses, per-item metrics).
 - ``preference.json`` / ``preference_pairs.parquet``: reward accuracy, margins and log-prob shifts on
-  the held-out test pairs, from the reference artifact's cached per-token scores (never recomputed).
+  the held-out test pairs, from the reference artifact's cached per-token scores (never recomputed);
+  held-out one-sided rows (``data.schema=unpaired``) add the shift of the side they have, never a margin.
   For the base model the policy IS the reference, so every shift is exactly 0.
 
 ``eval=none`` keeps the stage: it writes the preference metrics and a scores.json without tasks.
@@ -186,19 +187,19 @@ def scores_document(scores: dict[str, dict[str, float]], settings: dict[str, Any
 
 def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, reference: Artifact, is_base: bool,
                        workdir: Path) -> dict[str, Any]:
-    """Preference metrics on the held-out test pairs; reference scores come from the reference artifact."""
-    from pipeline.pair import load_pairs
+    """Preference metrics on the held-out test pairs (and one-sided rows, pipeline/unpaired.py: each with the
+    side it has); reference scores come from the reference artifact."""
     from pipeline.preference_metrics import pair_table, summarise
-    from pipeline.reference import load_reference
+    from pipeline.reference import load_scored_rows
     from pipeline.scoring import score_pairs
 
-    pairs = load_pairs(pair)
+    pairs, reference_all = load_scored_rows(pair, reference)  # pairs, then one-sided rows, in one order
     test_rows = [i for i, split in enumerate(pairs["split"]) if split == "test"]
     if not test_rows:
-        raise UserError(f"{Path(pair.path) / 'pairs.parquet'}: no pairs with split == 'test'; "
+        raise UserError(f"{Path(pair.path) / 'pairs.parquet'}: no pairs (or unpaired rows) with split == 'test'; "
                         "preference metrics need held-out pairs (pairing.test_fraction > 0)")
     test_pairs = pairs.iloc[test_rows].reset_index(drop=True)
-    reference_scored = load_reference(reference).select(test_rows)  # cached: never recomputed
+    reference_scored = reference_all.select(test_rows)  # cached: never recomputed
     if is_base:
         policy_scored = reference_scored  # the base model IS the reference: rho = 0 exactly, no forward pass
     else:

@@ -12,6 +12,13 @@ Definitions (docs/losses.md, Smaug Fig. 4; Smaug = Pal et al. 2024):
   first difference (the chosen response is a prefix of the rejected one, or differs only at its end).
 - ``chosen_logit_shift``: mean over chosen response tokens of (policy observed-token logit -
   reference observed-token logit); likewise ``rejected_logit_shift``.
+
+One-sided rows (unpaired data, pipeline/unpaired.py: a side with 0 scored tokens is absent) get the
+quantities of the side they have (its log-probs, rho and logit shift); the absent side's and the
+pair-only ones (margin, reward_correct, first_diff_index, the after-diff means) are NaN (None for
+reward_correct), so every mean is over the rows that have the quantity: reward accuracy and margins
+over pairs only, ``rho_chosen`` over every row with a chosen response. ``summarise`` counts pairs
+(``pairs``) and, where there are any, one-sided rows (``one_sided_rows``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 from pipeline.logprobs import first_difference_index, mean_logp_after
 from pipeline.scoring import SIDES, ScoredPairs
 
-PASS_THROUGH = ("bucket", "kind", "split", "source", "char_ned", "token_ned")
+PASS_THROUGH = ("bucket", "kind", "split", "source", "char_ned", "token_ned", "label")
 MEAN_COLUMNS = (
     "policy_chosen_logp", "policy_rejected_logp", "ref_chosen_logp", "ref_rejected_logp",
     "rho_chosen", "rho_rejected", "margin", "chosen_after_diff_mean_logp", "ref_chosen_after_diff_mean_logp",
@@ -34,7 +41,7 @@ MEAN_COLUMNS = (
 
 
 def pair_table(policy: ScoredPairs, reference: ScoredPairs, pairs_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per pair scored by ``policy`` (matched to ``reference`` and ``pairs_df`` by pair_id)."""
+    """One row per pair (or one-sided row) scored by ``policy``, matched to ``reference`` and ``pairs_df`` by pair_id."""
     info = pairs_df.set_index("pair_id", drop=False)
     policy_seq = {side: policy.seq_logps(side) for side in SIDES}
     ref_seq = {side: reference.seq_logps(side) for side in SIDES}
@@ -46,18 +53,27 @@ def pair_table(policy: ScoredPairs, reference: ScoredPairs, pairs_df: pd.DataFra
             if not torch.equal(policy.token_ids(side, i), reference.token_ids(side, r)):
                 raise ValueError(f"pair {pair_id!r}: {side} tokens differ between policy and reference scores "
                                  "(different tokenizer or train.max_length / train.max_prompt_length?)")
-        start = first_difference_index(policy.token_ids("chosen", i).tolist(), policy.token_ids("rejected", i).tolist())
+        has = {side: int(policy.lengths(side)[i]) > 0 for side in SIDES}
         row: dict[str, Any] = {"pair_id": pair_id}
         meta = info.loc[pair_id]
         for column in PASS_THROUGH:
             if column in info.columns:
                 row[column] = meta[column]
         for side in SIDES:
-            row[f"policy_{side}_logp"] = float(policy_seq[side][i])
-            row[f"ref_{side}_logp"] = float(ref_seq[side][r])
+            row[f"policy_{side}_logp"] = float(policy_seq[side][i]) if has[side] else math.nan
+            row[f"ref_{side}_logp"] = float(ref_seq[side][r]) if has[side] else math.nan
             row[f"{side}_tokens"] = int(policy.lengths(side)[i])
         row["rho_chosen"] = row["policy_chosen_logp"] - row["ref_chosen_logp"]
         row["rho_rejected"] = row["policy_rejected_logp"] - row["ref_rejected_logp"]
+        for side in SIDES:
+            row[f"{side}_logit_shift"] = (_mean(policy.observed_logits(side, i) - reference.observed_logits(side, r))
+                                          if has_logits and has[side] else math.nan)
+        if not all(has.values()):  # one-sided: the side it has, nothing that compares two sides
+            row.update(margin=math.nan, reward_correct=None, first_diff_index=None, chosen_after_diff_tokens=None,
+                       chosen_after_diff_mean_logp=math.nan, ref_chosen_after_diff_mean_logp=math.nan)
+            rows.append(row)
+            continue
+        start = first_difference_index(policy.token_ids("chosen", i).tolist(), policy.token_ids("rejected", i).tolist())
         row["margin"] = row["rho_chosen"] - row["rho_rejected"]
         row["reward_correct"] = bool(row["margin"] > 0)
         row["first_diff_index"] = start
@@ -65,9 +81,6 @@ def pair_table(policy: ScoredPairs, reference: ScoredPairs, pairs_df: pd.DataFra
         row["chosen_after_diff_tokens"] = max(int(policy.lengths("chosen")[i]) - after, 0)
         row["chosen_after_diff_mean_logp"] = mean_logp_after(policy.token_logps("chosen", i), after)
         row["ref_chosen_after_diff_mean_logp"] = mean_logp_after(reference.token_logps("chosen", r), after)
-        for side in SIDES:
-            row[f"{side}_logit_shift"] = (
-                _mean(policy.observed_logits(side, i) - reference.observed_logits(side, r)) if has_logits else math.nan)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -77,7 +90,10 @@ def _mean(values: torch.Tensor) -> float:
 
 
 def _summary(frame: pd.DataFrame) -> dict[str, Any]:
-    out: dict[str, Any] = {"pairs": int(len(frame))}
+    one_sided = int(frame["reward_correct"].isna().sum()) if len(frame) else 0
+    out: dict[str, Any] = {"pairs": int(len(frame)) - one_sided}
+    if one_sided:
+        out["one_sided_rows"] = one_sided
     out["reward_accuracy"] = _finite(frame["reward_correct"].astype(float).mean()) if len(frame) else None
     for column in MEAN_COLUMNS:
         out[column] = _finite(frame[column].mean()) if len(frame) else None  # pandas mean skips NaN

@@ -14,7 +14,10 @@ model, once.
 
 Artifact: ``reference.safetensors`` (``pipeline.scoring.ScoredPairs``: ragged fp32 per-token
 log-probs, observed-token logits and token ids of chosen and rejected, train AND test split; the
-row order's pair ids are in its metadata).
+row order's pair ids are in its metadata). Where the pair artifact has one-sided rows
+(``unpaired.parquet``, ``data.schema=unpaired``) also ``unpaired.safetensors``: the same for each of
+them, its response scored ALONE (``scoring.response_forward``, the layout the trainer uses for it) and
+its absent side an empty row (pipeline/unpaired.py); the key then covers their text too.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import Artifact, build
 from pipeline.batching import check_token_budget
-from pipeline.scoring import ScoredPairs, score_pairs
+from pipeline import unpaired
+from pipeline.scoring import ScoredPairs, concat_scored, score_pairs
 
 STAGE = "reference"
 SCORES_FILE = "reference.safetensors"
+UNPAIRED_SCORES_FILE = "unpaired.safetensors"  # one-sided rows, where the pair artifact has them
 PAIRS_FILE = "pairs.parquet"  # written by the pair stage
 PRECISIONS = ("fp32", "bf16")
 
@@ -58,7 +63,10 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
 
     pair = upstream["pair"]
     pairs = pd.read_parquet(Path(pair.path) / PAIRS_FILE)  # every split: probes and evaluation need test pairs
+    one_sided = unpaired.load_rows(pair.path)  # None unless data.schema=unpaired
     subset = {**config_subset(cfg), "scored_text": scored_text_hash(pairs)}
+    if one_sided is not None:  # absent key otherwise: paired setups keep their keys
+        subset["scored_unpaired"] = unpaired.scored_text_hash(one_sided)
     inputs = {"model": upstream["model"]}
 
     def compute(workdir: Path) -> dict[str, Any]:
@@ -67,8 +75,14 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         scored = score_pairs(model, tokenizer, pairs, subset["max_length"], subset["max_prompt_length"],
                              precision=subset["precision"], desc="reference log-probs")
         scored.save(workdir / SCORES_FILE)
-        return {"pairs": len(scored), "sequences_scored": 2 * len(scored), "first_pair_artifact": pair.key,
-                **token_stats(scored, tokenizer.eos_token_id)}
+        extra = {}
+        if one_sided is not None:
+            lone = score_pairs(model, tokenizer, one_sided, subset["max_length"], subset["max_prompt_length"],
+                               precision=subset["precision"], desc="reference log-probs (one-sided rows)")
+            lone.save(workdir / UNPAIRED_SCORES_FILE)
+            extra = {"unpaired_rows": len(lone), "unpaired_tokens": int(sum(lone.lengths(s).sum() for s in ("chosen", "rejected")))}
+        return {"pairs": len(scored), "sequences_scored": 2 * len(scored) + extra.get("unpaired_rows", 0),
+                "first_pair_artifact": pair.key, **token_stats(scored, tokenizer.eos_token_id), **extra}
 
     return build(root, STAGE, subset, inputs, compute)
 
@@ -99,3 +113,20 @@ def token_stats(scored: ScoredPairs, eos_id: int) -> dict[str, int]:
 def load_reference(artifact: Artifact) -> ScoredPairs:
     """The reference scores of a reference artifact (rows in pairs.parquet order, ids in ``.pair_ids``)."""
     return ScoredPairs.load(Path(artifact.path) / SCORES_FILE)
+
+
+def load_scored_rows(pair: Artifact, reference: Artifact) -> tuple[pd.DataFrame, ScoredPairs]:
+    """Every row the reference scored and its scores, in one order: pairs.parquet's pairs, then the
+    one-sided rows of unpaired.parquet (pairs' layout, absent side None: ``unpaired.load_rows``)."""
+    frame = pd.read_parquet(Path(pair.path) / PAIRS_FILE)
+    scored = load_reference(reference)
+    if [str(v) for v in scored.pair_ids] != frame["pair_id"].astype(str).tolist():
+        raise RuntimeError(f"{reference.path}: reference rows do not follow pairs.parquet's row order")
+    one_sided = unpaired.load_rows(pair.path)
+    if one_sided is None:
+        return frame, scored
+    lone = ScoredPairs.load(Path(reference.path) / UNPAIRED_SCORES_FILE)
+    if [str(v) for v in lone.pair_ids] != one_sided["pair_id"].tolist():
+        raise RuntimeError(f"{reference.path}: one-sided reference rows do not follow unpaired.parquet's row order")
+    frame = pd.concat([frame, one_sided], ignore_index=True) if len(frame) else one_sided.reset_index(drop=True)
+    return frame, concat_scored([scored, lone])

@@ -4,6 +4,10 @@ Used by the reference stage (once per sweep), the trainer's probe trajectories a
 For each pair and side it keeps, over the RESPONSE tokens only (the EOS included), the fp32
 log-prob of the observed token, its raw logit (for the logit-shift analysis) and its id (for
 Smaug's first-difference index). Rows are stored flat with offsets, as safetensors.
+
+A one-sided row (unpaired data) is scored alone (``response_forward``: one row, no padding) and
+stored as a row whose absent side is empty (0 tokens); everything that reads ``ScoredPairs`` sees
+an absent side as length 0.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import Tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.batching import PairEncoding, collate, encode_pairs
+from pipeline.batching import OneSidedEncoding, PairEncoding, collate, collate_rows, encode_pairs
 from pipeline.logprobs import score_tokens
 
 SIDES = ("chosen", "rejected")
@@ -164,33 +168,70 @@ def pair_forward(model, encoding: PairEncoding, pad_id: int, device: torch.devic
     return score_tokens(logits, input_ids, response_mask, with_others=with_others), input_ids
 
 
+def response_forward(model, encoding: OneSidedEncoding, pad_id: int, device: torch.device, with_others: bool = False):
+    """One response alone (a one-sided row): a single row, no padding; ``TokenScores`` ``[1, T-1]``.
+
+    The one-sided counterpart of ``pair_forward``: the reference stage, the trainer, probes and
+    evaluation all score a one-sided row through it, so its first training forward is bit-identical
+    to the stored reference too.
+    """
+    batch = {k: v.to(device) for k, v in collate_rows([(encoding.ids, encoding.start)], pad_id).items()}
+    logits, input_ids, response_mask = response_logits(model, batch)
+    return score_tokens(logits, input_ids, response_mask, with_others=with_others), input_ids
+
+
 @torch.no_grad()
-def score_encodings(model, encodings: Sequence[PairEncoding], pad_id: int, pair_ids: Sequence[Any],
+def score_encodings(model, encodings: Sequence[PairEncoding | OneSidedEncoding], pad_id: int, pair_ids: Sequence[Any],
                     with_logits: bool = True, precision: str = "fp32", progress: bool = True,
                     desc: str = "scoring pairs") -> ScoredPairs:
-    """Score each pair with ``pair_forward`` (chosen and rejected in one forward)."""
+    """Score each pair with ``pair_forward`` (chosen and rejected in one forward), each one-sided row
+    with ``response_forward`` (its absent side stored as an empty row)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows: dict[str, list[tuple]] = {side: [] for side in SIDES}
+    empty = (torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0) if with_logits else None)
     try:
         for encoding in tqdm(encodings, desc=desc, unit="pair", disable=not progress):
+            one_sided = isinstance(encoding, OneSidedEncoding)
             with autocast_context(device, precision):
-                scores, input_ids = pair_forward(model, encoding, pad_id, device)
+                forward = response_forward if one_sided else pair_forward
+                scores, input_ids = forward(model, encoding, pad_id, device)
             keep = scores.mask.bool().cpu()
             token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), input_ids[:, 1:].cpu()
-            for k, side in enumerate(SIDES):
+            for k, side in enumerate([encoding.side] if one_sided else SIDES):
                 rows[side].append((token_logps[k][keep[k]], targets[k][keep[k]],
                                    observed[k][keep[k]] if with_logits else None))
+            if one_sided:
+                rows["rejected" if encoding.side == "chosen" else "chosen"].append(empty)
     finally:
         model.train(was_training)
     return _from_rows(list(pair_ids), rows, with_logits)
 
 
+def concat_scored(parts: Sequence[ScoredPairs]) -> ScoredPairs:
+    """One ``ScoredPairs`` holding the rows of ``parts`` in order (logits kept when every part has them)."""
+    with_logits = all(part.logits is not None for part in parts)
+    logps, ids, offsets, logits = {}, {}, {}, {}
+    for side in SIDES:
+        logps[side] = torch.cat([part.logps[side] for part in parts])
+        ids[side] = torch.cat([part.token_id_values[side] for part in parts])
+        starts, shifted = 0, [torch.zeros(1, dtype=torch.long)]
+        for part in parts:
+            shifted.append(part.offsets[side][1:] + starts)
+            starts += int(part.offsets[side][-1])
+        offsets[side] = torch.cat(shifted)
+        if with_logits:
+            logits[side] = torch.cat([part.logits[side] for part in parts])
+    return ScoredPairs([pid for part in parts for pid in part.pair_ids], logps, ids, offsets,
+                       logits if with_logits else None)
+
+
 def score_pairs(model, tokenizer, pairs_df, max_length: int, max_prompt_length: int,
                 with_logits: bool = True, precision: str = "fp32", progress: bool = True,
                 desc: str = "scoring pairs") -> ScoredPairs:
-    """Score every row of ``pairs_df`` (columns pair_id, prompt, chosen, rejected) under ``model``."""
+    """Score every row of ``pairs_df`` (columns pair_id, prompt, chosen, rejected) under ``model``; a row
+    whose chosen or rejected is None is one-sided and scored alone (``response_forward``)."""
     encodings = encode_pairs(tokenizer, list(pairs_df["prompt"]), list(pairs_df["chosen"]), list(pairs_df["rejected"]),
                              int(max_length), int(max_prompt_length))
     pair_ids = [_plain(v) for v in pairs_df["pair_id"]]

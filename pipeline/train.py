@@ -1,9 +1,15 @@
 """Stage "train": one preference method on the training pairs, starting from the reference model.
 
-Upstream: ``model`` (weights + tokenizer), ``pair`` (``pairs.parquet``) and ``reference`` (per-token
-reference log-probs of every pair, never recomputed here). The loss is ``get_loss(method.loss)``;
-the method file's flags (``needs_vocab_term``, ``needs_reference``) decide what the loss input carries. The trainer never
-tests a method's name.
+Upstream: ``model`` (weights + tokenizer), ``pair`` (``pairs.parquet``, and ``unpaired.parquet`` under
+``data.schema=unpaired``) and ``reference`` (per-token reference log-probs of every row, never recomputed
+here). The loss is ``get_loss(method.loss)``; the method file's flags (``needs_vocab_term``,
+``needs_reference``, ``accepts_unpaired``) decide what the loss input carries and whether one-sided rows
+may train. The trainer never tests a method's name.
+
+One-sided rows (pipeline/unpaired.py): the rows of ``unpaired.parquet`` train beside the pairs, each
+scored alone; ``train.drop_one_side=true`` keeps one side of each training pair (drawn from ``seed``),
+forwarded in the pair's layout. Either way the absent side reaches the loss as an all-zero mask, and
+the probes and the evaluation score held-out rows as they are (pairs stay pairs).
 
 Runs on accelerate (CPU, one GPU or DDP via ``accelerate launch --multi_gpu --num_processes N -m pipeline``,
 which on a CPU-only machine runs gloo DDP; ``--cpu`` alone starts ONE process). Under DDP every rank
@@ -42,6 +48,8 @@ from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore
                                     truncate_jsonl)
 from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
+from pipeline import unpaired
+from pipeline.probes import ProbeRecorder, append_jsonl
 from pipeline.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer, disable_dropout,
                                     forward_micro_batch, total_steps)
 
@@ -53,15 +61,6 @@ LABELS = ("name",)  # method.name labels tables and runs; two names of one setti
 # Test-only hook: raise after this many steps (after that step's checkpoint) to simulate a crash.
 CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
 METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
-TRAJECTORY_COLUMNS = {  # trajectories.jsonl field -> pair_table column
-    "pair_id": "pair_id", "bucket": "bucket", "kind": "kind",
-    "chosen_logp": "policy_chosen_logp", "rejected_logp": "policy_rejected_logp",
-    "ref_chosen_logp": "ref_chosen_logp", "ref_rejected_logp": "ref_rejected_logp",
-    "chosen_shift": "rho_chosen", "rejected_shift": "rho_rejected",
-    "chosen_after_diff_mean_logp": "chosen_after_diff_mean_logp",
-    "ref_chosen_after_diff_mean_logp": "ref_chosen_after_diff_mean_logp",
-    "chosen_logit_shift": "chosen_logit_shift", "rejected_logit_shift": "rejected_logit_shift",
-}
 
 
 class TrainingDiverged(UserError):
@@ -100,6 +99,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    check_one_sided(cfg, upstream["pair"])  # before any model loads
     state = PartialState(cpu=use_cpu())  # joins the process group under `accelerate launch` / torchrun
     subset = config_subset(cfg)
     inputs = {name: upstream[name] for name in UPSTREAM}
@@ -119,6 +119,23 @@ def use_cpu() -> bool:
 
 
 # ----------------------------------------------------------------------------- data
+
+def check_one_sided(cfg: DictConfig, pair: Artifact) -> None:
+    """One-sided rows in the pair artifact (an unpaired file, also when ``data.schema=auto`` detected it)
+    train only a method with ``accepts_unpaired: true``; pipeline/validate.py catches what the config shows."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if not method.get("accepts_unpaired") and unpaired.load_rows(pair.path) is not None:
+        raise unpaired.refusal(method, f"the data (unpaired rows: {pair.path / unpaired.UNPAIRED_FILE})", "paired data")
+
+
+def kept_sides(cfg: DictConfig, frame: pd.DataFrame, rows: list[int]) -> dict[int, str]:
+    """``train.drop_one_side``: the side kept of each training pair (row -> side); {} when off."""
+    if not bool(OmegaConf.select(cfg, "train.drop_one_side", default=False)):
+        return {}
+    lone = unpaired.one_sided(frame)
+    pairs = [row for row in rows if not lone[row]]  # one-sided rows have nothing to drop
+    return dict(zip(pairs, unpaired.kept_sides(frame["pair_id"].iloc[pairs].astype(str), int(cfg.seed))))
+
 
 def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[int]]:
     """Row positions of the training pairs (split == train, bucket filter) and the fixed probe set."""
@@ -142,18 +159,6 @@ def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[i
     return train_rows, probe_rows
 
 
-def json_value(value: Any) -> Any:
-    """Plain JSON: numpy scalars become Python values, nan/inf become null."""
-    value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, default=float) + "\n")
-
-
 # ----------------------------------------------------------------------------- the stage
 
 def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict[str, Any]:
@@ -163,7 +168,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
 
     from pipeline.losses import get_loss
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.reference import load_reference
+    from pipeline.reference import load_scored_rows
     from pipeline.tracking import start_run
 
     train_cfg, seed = cfg.train, int(cfg.seed)
@@ -171,14 +176,13 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     loss_fn = get_loss(str(cfg.method.loss))
     set_seed(seed)  # python, numpy, torch (+cuda): LoRA init and dropout
 
-    pairs = pd.read_parquet(upstream["pair"].path / "pairs.parquet")
+    # Pairs, then any one-sided rows, with the reference's scores in the same row order.
+    pairs, reference = load_scored_rows(upstream["pair"], upstream["reference"])
     train_rows, probe_rows = select_rows(cfg, pairs)
+    kept = kept_sides(cfg, pairs, train_rows)
     tokenizer = load_tokenizer(upstream["model"])
-    reference = load_reference(upstream["reference"])
-    if [str(v) for v in reference.pair_ids] != pairs["pair_id"].astype(str).tolist():
-        raise RuntimeError(f"{upstream['reference'].path}: reference rows do not follow pairs.parquet's row order")
     max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
-    encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length)
+    encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length, kept)
 
     # Each train stage is its own accelerate run: several can follow in one process (Hydra's basic
     # launcher runs a whole multirun in-process, e.g. a sweep over train.precision), and accelerate
@@ -284,7 +288,12 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         bar.close()
         wall = time.time() - started
         accelerator.wait_for_everyone()
+        lone = unpaired.one_sided(pairs)
+        one_sided = sum(lone[row] for row in train_rows)
         summary = {"steps": steps, "resumed_from_step": start or None, "train_pairs": len(train_rows),
+                   "train_rows": {"pairs": len(train_rows) - one_sided - len(kept), "one_sided": one_sided,
+                                  "dropped_pairs_kept_chosen": sum(side == "chosen" for side in kept.values()),
+                                  "dropped_pairs_kept_rejected": sum(side == "rejected" for side in kept.values())},
                    "processes": accelerator.num_processes, "global_batch": stream.global_batch * accumulation,
                    "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
                    "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
@@ -327,36 +336,3 @@ def save_final_model(model, tokenizer, directory: Path) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-# ----------------------------------------------------------------------------- probe trajectories
-
-class ProbeRecorder:
-    """Per-example log-prob trajectories on a fixed set of held-out pairs (Smaug Fig. 4, BNF's shifts)."""
-
-    def __init__(self, cfg: DictConfig, pairs: pd.DataFrame, rows: list[int], tokenizer, reference, path: Path, tracker):
-        self.pairs = pairs.iloc[rows].reset_index(drop=True)
-        self.reference = reference if rows else None  # pair_table matches rows by pair_id
-        self.tokenizer, self.path, self.tracker = tokenizer, path, tracker
-        self.max_length, self.max_prompt_length = int(cfg.train.max_length), int(cfg.train.max_prompt_length)
-        self.precision = resolve_precision(cfg.train.precision)
-
-    def record(self, model, step: int) -> None:
-        if self.reference is None:
-            return
-        from pipeline.preference_metrics import pair_table
-        from pipeline.scoring import score_pairs
-
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            scored = score_pairs(model, self.tokenizer, self.pairs, self.max_length, self.max_prompt_length,
-                                 precision=self.precision, progress=False)
-        model.train(was_training)
-        table = pair_table(scored, self.reference, self.pairs)
-        rows = [{"step": step, **{field: json_value(record[column]) for field, column in TRAJECTORY_COLUMNS.items()}}
-                for record in table.to_dict("records")]
-        append_jsonl(self.path, rows)
-        self.tracker.log({"probe/margin": float(table["margin"].mean()),
-                          "probe/chosen_shift": float(table["rho_chosen"].mean()),
-                          "probe/rejected_shift": float(table["rho_rejected"].mean())}, step=step)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.batching import PairEncoding, encode_pair
+from pipeline.batching import DroppedEncoding, OneSidedEncoding, PairEncoding, encode_row
 from pipeline.losses import LossInput, LossOutput
-from pipeline.scoring import pair_forward
+from pipeline.scoring import pair_forward, response_forward
 
 SIDES = ("chosen", "rejected")
 
@@ -140,36 +140,51 @@ def disable_dropout(model: torch.nn.Module) -> int:
 
 @dataclass
 class PairEncodings:
-    """Token ids of every pair row we train on, encoded once with the reference stage's settings."""
+    """Token ids of every row we train on, encoded once with the reference stage's settings.
+
+    A row is a pair (``PairEncoding``), a one-sided row (``OneSidedEncoding``: unpaired data, its
+    chosen or rejected None) or, with ``kept`` (``train.drop_one_side``), a pair of which only one side
+    trains (``DroppedEncoding``).
+    """
 
     encodings: dict[int, Any]
 
     @classmethod
-    def build(cls, tokenizer, pairs, rows: Sequence[int], max_length: int, max_prompt_length: int) -> "PairEncodings":
+    def build(cls, tokenizer, pairs, rows: Sequence[int], max_length: int, max_prompt_length: int,
+              kept: dict[int, str] | None = None) -> "PairEncodings":
         encodings = {}
         for row in rows:
             record = pairs.iloc[row]
-            encodings[row] = encode_pair(tokenizer, record["prompt"], record["chosen"], record["rejected"],
-                                         max_length, max_prompt_length)
+            encoding = encode_row(tokenizer, record["prompt"], record["chosen"], record["rejected"],
+                                  max_length, max_prompt_length)
+            if kept and row in kept and isinstance(encoding, PairEncoding):
+                encoding = DroppedEncoding(encoding, kept[row])
+            encodings[row] = encoding
         return cls(encodings)
 
-    def of(self, rows: Sequence[int]) -> list[PairEncoding]:
+    def of(self, rows: Sequence[int]) -> list[Any]:
         return [self.encodings[row] for row in rows]
 
 
 def pad_rows(rows: list[Tensor]) -> Tensor:
-    """Stack 1-D per-token tensors of different lengths into ``[B, T]`` (zeros after each row's end)."""
-    width = max(int(r.shape[-1]) for r in rows)
+    """Stack 1-D per-token tensors of different lengths into ``[B, T]`` (zeros after each row's end).
+
+    An absent side is a 0-length row: all zeros, so its mask is all zero; T is at least 1."""
+    width = max([1] + [int(r.shape[-1]) for r in rows])
     return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows])
 
 
-def reference_tokens(reference, side: str, rows: Sequence[int], mask: Tensor) -> Tensor:
+def reference_tokens(reference, side: str, rows: Sequence[int], mask: Tensor, present: Sequence[bool] | None = None) -> Tensor:
     """Reference per-token log-probs of ``rows`` placed on the response positions of ``mask`` ``[B, T]``.
 
     The reference stage stored only response tokens (ragged); the counts must match the policy's
-    tokenisation exactly, otherwise the two were encoded differently (a bug, not a user error).
+    tokenisation exactly, otherwise the two were encoded differently (a bug, not a user error). A row
+    whose side is not ``present`` (a dropped side) takes none of its stored values: its mask is all zero.
     """
-    values = [reference.token_logps(side, row).to(torch.float32).reshape(-1) for row in rows]
+    present = [True] * len(rows) if present is None else present
+    empty = torch.zeros(0, dtype=torch.float32)
+    values = [reference.token_logps(side, row).to(torch.float32).reshape(-1) if keep else empty
+              for row, keep in zip(rows, present)]
     counts = mask.sum(-1).to(torch.int64).tolist()
     for row, value, count in zip(rows, values, counts):
         if value.numel() != count:
@@ -193,39 +208,72 @@ class MicroBatchResult:
     rejected_rho: Tensor
     tokens: int  # tokens through the model (each pair padded only to its own longer response)
     pairs: int
+    chosen_present: list[bool] | None = None  # [B] the row has this side (None: every row has both)
+    rejected_present: list[bool] | None = None
 
 
-def forward_micro_batch(model, encodings: Sequence[PairEncoding], pad_id: int, rows: Sequence[int], reference, loss_fn,
+def forward_row(model, encoding, pad_id: int, device: torch.device, with_others: bool):
+    """One row's forward in its reference layout: ``({side: (token_logps, mask, others) or None}, same, tokens)``.
+
+    A pair (and a pair with a dropped side) goes through ``pair_forward``, a one-sided row through
+    ``response_forward``, exactly as the reference stage scored it. A dropped side was computed (the
+    pair's layout needs it) but is returned as None, so nothing of it reaches the loss.
+    """
+    if isinstance(encoding, OneSidedEncoding):
+        scores, _ = response_forward(model, encoding, pad_id, device, with_others=with_others)
+        kept = {encoding.side: 0}  # side -> its row in the forward
+        same, tokens = False, len(encoding.ids)
+    else:
+        pair = encoding.pair if isinstance(encoding, DroppedEncoding) else encoding
+        scores, input_ids = pair_forward(model, pair, pad_id, device, with_others=with_others)
+        kept = {side: k for k, side in enumerate(SIDES)
+                if not isinstance(encoding, DroppedEncoding) or side == encoding.kept}
+        same = len(kept) == 2 and bool(same_rows(input_ids, scores.mask, 1)[0])
+        tokens = len(pair.chosen_ids) + len(pair.rejected_ids)
+    sides = {}
+    for side in SIDES:
+        k = kept.get(side)
+        sides[side] = None if k is None else (scores.token_logps[k], scores.mask[k],
+                                              scores.others[k] if with_others else None)
+    return sides, same, tokens
+
+
+def forward_micro_batch(model, encodings: Sequence[Any], pad_id: int, rows: Sequence[int], reference, loss_fn,
                         method_cfg: dict, device: torch.device, quiet=contextlib.nullcontext) -> MicroBatchResult:
-    """Each pair through ``scoring.pair_forward`` (the reference stage's exact layout), then one loss over all.
+    """Each row through its reference layout (``forward_row``), then one loss over all.
 
-    Scoring a pair alone, in the same layout as the reference stage, makes the policy's first forward
-    equal the stored reference bit for bit; per-token results are then padded across pairs into the
-    ``[B, T]`` tensors the loss reads. The method's capability flags decide what the loss input
-    carries: BNF's full-vocabulary term only with ``needs_vocab_term``, the reference's log-probs only
-    with ``needs_reference`` (reference-free losses never see them; the shifts are still logged).
+    Scoring a pair alone, in the same layout as the reference stage (a one-sided row alone, as a single
+    sequence), makes the policy's first forward equal the stored reference bit for bit; per-token results
+    are then padded across rows into the ``[B, T]`` tensors the loss reads, an absent side as an all-zero
+    row (all-zero mask). The method's capability flags decide what the loss input carries: BNF's
+    full-vocabulary term only with ``needs_vocab_term``, the reference's log-probs only with
+    ``needs_reference`` (reference-free losses never see them; the shifts are still logged).
     Under DDP ``quiet`` is ``no_sync``: every forward but the last leaves the reducer alone, so the
     one backward over all pairs synchronises gradients once.
     """
     with_others = bool(method_cfg.get("needs_vocab_term"))
     parts: dict[str, list[Tensor]] = defaultdict(list)
+    present: dict[str, list[bool]] = defaultdict(list)
     same, tokens = [], 0
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
     for index, encoding in enumerate(encodings):
         with quiet() if index < len(encodings) - 1 else contextlib.nullcontext():
-            scores, input_ids = pair_forward(model, encoding, pad_id, device, with_others=with_others)
-        for k, side in enumerate(SIDES):
-            parts[f"{side}_logps"].append(scores.token_logps[k])
-            parts[f"{side}_mask"].append(scores.mask[k])
+            sides, is_same, count = forward_row(model, encoding, pad_id, device, with_others)
+        for side in SIDES:
+            token_logps, mask, others = sides[side] if sides[side] is not None else (empty, empty, empty)
+            present[side].append(sides[side] is not None)
+            parts[f"{side}_logps"].append(token_logps)
+            parts[f"{side}_mask"].append(mask)
             if with_others:
-                parts[f"{side}_others"].append(scores.others[k])
-        same.append(bool(same_rows(input_ids, scores.mask, 1)[0]))
-        tokens += len(encoding.chosen_ids) + len(encoding.rejected_ids)
+                parts[f"{side}_others"].append(others)
+        same.append(is_same)
+        tokens += count
     token_w, token_l = pad_rows(parts["chosen_logps"]), pad_rows(parts["rejected_logps"])
     mask_w, mask_l = pad_rows(parts["chosen_mask"]), pad_rows(parts["rejected_mask"])
     others_w = pad_rows(parts["chosen_others"]) if with_others else None
     others_l = pad_rows(parts["rejected_others"]) if with_others else None
-    ref_w = reference_tokens(reference, "chosen", rows, mask_w)
-    ref_l = reference_tokens(reference, "rejected", rows, mask_l)
+    ref_w = reference_tokens(reference, "chosen", rows, mask_w, present["chosen"])
+    ref_l = reference_tokens(reference, "rejected", rows, mask_l, present["rejected"])
     with_reference = bool(method_cfg.get("needs_reference", True))
     inp = LossInput(
         chosen_logps=token_w.sum(-1), rejected_logps=token_l.sum(-1),
@@ -239,7 +287,8 @@ def forward_micro_batch(model, encodings: Sequence[PairEncoding], pad_id: int, r
     )
     output = loss_fn(inp, method_cfg)
     return MicroBatchResult(output, (inp.chosen_logps - ref_w.sum(-1)).detach(),
-                            (inp.rejected_logps - ref_l.sum(-1)).detach(), tokens, len(rows))
+                            (inp.rejected_logps - ref_l.sum(-1)).detach(), tokens, len(rows),
+                            present["chosen"], present["rejected"])
 
 
 # ----------------------------------------------------------------------------- step metrics
@@ -266,9 +315,13 @@ class StepMetrics:
         self.sums["loss"] += float(result.output.loss.detach()) * result.pairs
         for name, value in result.output.metrics.items():
             self.sums[name] += float(value) * result.pairs
-        for row, rho_w, rho_l in zip(rows, result.chosen_rho.tolist(), result.rejected_rho.tolist()):
-            self.shift[f"logps_shift/chosen/{self.buckets[row]}"].append(rho_w)
-            self.shift[f"logps_shift/rejected/{self.buckets[row]}"].append(rho_l)
+        every = [True] * len(rows)
+        for row, rho_w, rho_l, has_w, has_l in zip(rows, result.chosen_rho.tolist(), result.rejected_rho.tolist(),
+                                                   result.chosen_present or every, result.rejected_present or every):
+            if has_w:  # an absent side (one-sided rows) has no shift to average
+                self.shift[f"logps_shift/chosen/{self.buckets[row]}"].append(rho_w)
+            if has_l:
+                self.shift[f"logps_shift/rejected/{self.buckets[row]}"].append(rho_l)
 
     def finish(self, reduce=None, gather=None) -> dict[str, float]:
         sums, pairs = dict(self.sums), float(self.pairs)

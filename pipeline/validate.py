@@ -200,10 +200,11 @@ def check_train_adam(cfg: DictConfig) -> None:
         raise UserError(f"train.warmup_ratio={ratio!r}: expected a number in [0, 1)")
 
 
-def check_disable_dropout(cfg: DictConfig) -> None:
-    value = select(cfg, "train.disable_dropout")
-    if value is not None and not isinstance(value, bool):
-        raise UserError(f"train.disable_dropout={value!r}: expected true or false")
+def check_train_flags(cfg: DictConfig) -> None:
+    for key in ("train.disable_dropout", "train.drop_one_side"):
+        value = select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"{key}={value!r}: expected true or false")
 
 
 CHECKS += [
@@ -223,7 +224,7 @@ CHECKS += [
     check_train_choices,
     check_train_lengths,
     check_train_adam,
-    check_disable_dropout,
+    check_train_flags,
 ]
 
 
@@ -293,12 +294,18 @@ CHECKS += [
 
 
 def check_unpaired_training(cfg: DictConfig) -> None:
-    """Unpaired rows reach the losses that accept them (BNF) only through the loss API so far:
-    the trainer reads pairs.parquet. Say so before any model loads instead of training on nothing."""
-    if select(cfg, "data.schema") == "unpaired" and "train" in list(cfg.stages):
-        raise UserError("data.schema=unpaired: the train stage trains on pairs.parquet only; unpaired rows are "
-                        "written to unpaired.parquet by the pair stage, but training on them is not implemented yet "
-                        "(use stages=[pair] to inspect them, or a paired schema)")
+    """One-sided rows (``data.schema=unpaired``, or ``train.drop_one_side=true``) train only a loss whose
+    method file sets ``accepts_unpaired: true`` (BNF): one line naming the method and the flag, before any
+    model loads. (A file that ``data.schema=auto`` finds unpaired is refused by the train stage.)"""
+    if "train" not in list(cfg.stages):
+        return
+    causes = [(why, instead) for why, instead, on in (
+        ("data.schema=unpaired", "paired data", select(cfg, "data.schema") == "unpaired"),
+        ("train.drop_one_side=true", "train.drop_one_side=false", select(cfg, "train.drop_one_side") is True)) if on]
+    if causes and select(cfg, "method.accepts_unpaired") is not True:
+        from pipeline.unpaired import refusal  # lazy: pandas
+        method = OmegaConf.to_container(cfg.method, resolve=True) if select(cfg, "method") is not None else {}
+        raise refusal(method, " and ".join(c[0] for c in causes), " and ".join(c[1] for c in causes))
 
 
 def check_held_out_pairs(cfg: DictConfig) -> None:

@@ -89,6 +89,7 @@ DEFAULT = {
     'train.batch_size': {'train'},
     'train.grad_accumulation': {'train'},
     'train.max_steps': {'train'},
+    'train.drop_one_side': {'train'},
     'train.epochs': set(),
     'train.probe_every': {'train'},
     'train.probe_pairs': {'train'},
