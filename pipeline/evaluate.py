@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import eval_suite
 from pipeline.artifacts import Artifact, build
 from pipeline.errors import UserError
+from pipeline.models import attention_setting
 from pipeline.precision import resolve_precision
 
 STAGE = "evaluate"
@@ -223,14 +224,15 @@ def lm_eval_subset(cfg: DictConfig, label: str, suite_key: str | None) -> dict[s
     """
     settings = eval_settings(cfg.eval)
     return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]),
-            "suite_key": suite_key, "model": label, "model_dtype": str(cfg.model.dtype)}
+            "suite_key": suite_key, "model": label, "model_dtype": str(cfg.model.dtype), **attention_setting(cfg.model)}
 
 
 def config_subset(cfg: DictConfig, label: str) -> dict[str, Any]:
     """No method, train or run-seed keys: the baseline is shared by every job of a sweep; ``eval.name`` is a label."""
     settings = {k: v for k, v in eval_settings(cfg.eval).items() if k != "name"}
     # The trained model is evaluated loaded in model.dtype (bf16 on the GPU presets): that changes scores.
-    return {"eval": settings, "model": label, "scoring": scoring_settings(cfg), "model_dtype": str(cfg.model.dtype)}
+    return {"eval": settings, "model": label, "scoring": scoring_settings(cfg), "model_dtype": str(cfg.model.dtype),
+            **attention_setting(cfg.model)}
 
 
 def scoring_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -310,7 +312,8 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     artifact = baseline
     if "train" in upstream:
         artifact = evaluate_model(cfg, root, "trained", upstream["train"], dict(upstream), baseline=baseline)
-    track(cfg, artifact, baseline)
+    if not artifact.cached:  # a cached rerun adds no duplicate W&B evaluation run
+        track(cfg, artifact, baseline)
     return artifact
 
 
@@ -320,7 +323,8 @@ def track(cfg: DictConfig, artifact: Artifact, baseline: Artifact) -> None:
 
     from pipeline.tracking import start_run
 
-    tracker = start_run(cfg, job_type=STAGE)
+    # One W&B run per evaluate artifact: a retry after a crash continues it instead of opening another.
+    tracker = start_run(cfg, job_type=STAGE, run_id=f"evaluate-{artifact.key}")
     try:
         rows, metrics = [], {}
         for art in dict.fromkeys([baseline, artifact]):  # one row set per distinct artifact

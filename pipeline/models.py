@@ -151,12 +151,54 @@ def ensure_hub_reachable(source: dict[str, Any]) -> None:
 
 
 def load_from_hub(source: dict[str, Any], trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     ensure_hub_reachable(source)
     kwargs = {"revision": source["revision"], "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(source["hub_id"], **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source["hub_id"], dtype=torch.float32, use_safetensors=True, **kwargs)
+    model = from_pretrained_safetensors(source["hub_id"], dtype=torch.float32, **kwargs)
     return model, tokenizer
+
+
+ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def attention_setting(model_cfg: DictConfig) -> dict[str, Any]:
+    """``model.attn_implementation`` for the keys of the stages that run the model; {} when it is null
+    (transformers' default), so setups that leave it unset keep their keys."""
+    value = model_cfg.get("attn_implementation")
+    if value not in ATTENTION:
+        raise UserError(f"model.attn_implementation={value!r}: expected null (transformers' default) or one of "
+                        f"{list(ATTENTION[1:])}")
+    return {} if value is None else {"attn_implementation": value}
+
+
+def from_pretrained_safetensors(location: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` that reads safetensors only (a .bin file is a pickle, which
+    can run code when loaded), with one line for a repository or folder that has only .bin weights."""
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **kwargs)
+    except (OSError, EnvironmentError) as error:
+        if "safetensors" not in str(error) or not has_only_bin_weights(location, kwargs.get("revision")):
+            raise
+        raise UserError(f"{location}: only .bin (pickle) weights, no .safetensors; this pipeline loads safetensors "
+                        "only. Pick a revision with safetensors weights or convert them (transformers: "
+                        "load once yourself and save_pretrained(..., safe_serialization=True))") from None
+
+
+def has_only_bin_weights(location: str, revision: str | None) -> bool:
+    directory = Path(location)
+    if directory.is_dir():
+        names = [p.name for p in directory.iterdir()]
+    else:
+        try:
+            from huggingface_hub import list_repo_files
+            names = list_repo_files(location, revision=revision)
+        except Exception:  # offline or unreachable: the snapshot in the HF cache, if any
+            from huggingface_hub import scan_cache_dir
+            names = [f.file_name for repo in scan_cache_dir().repos if repo.repo_id == location
+                     for rev in repo.revisions for f in rev.files]
+    return any(n.endswith(".bin") for n in names) and not any(n.endswith(".safetensors") for n in names)
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -260,14 +302,13 @@ def load_causal_lm(target: Artifact | str | Path, model_cfg: DictConfig, dtype: 
     mode, weights in ``policy_dtype`` (fp32 master weights for full fine-tuning), gradient
     checkpointing when ``model.gradient_checkpointing``, LoRA adapters when ``model.lora.enabled``.
     """
-    from transformers import AutoModelForCausalLM
     location, revision = _location_and_revision(target)
     if dtype is None:
         dtype = policy_dtype(model_cfg) if trainable else model_cfg.dtype
     with quiet_hf_progress():
-        model = AutoModelForCausalLM.from_pretrained(
-            location, revision=revision, dtype=torch_dtype(dtype),
-            trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True)
+        model = from_pretrained_safetensors(location, revision=revision, dtype=torch_dtype(dtype),
+                                            trust_remote_code=bool(model_cfg.trust_remote_code),
+                                            **attention_setting(model_cfg))
     keep_output_head_fp32(model)
     if not trainable:
         model.eval()
@@ -296,6 +337,7 @@ def check_model_config(cfg: DictConfig) -> None:
         return
     if model_cfg.get("dtype") is not None:
         torch_dtype(str(model_cfg.dtype))
+    attention_setting(model_cfg)
     lora = model_cfg.get("lora")
     if lora is not None and lora.get("enabled"):
         for key in ("r", "alpha"):

@@ -43,10 +43,11 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
-    from pipeline.models import policy_dtype
+    from pipeline.models import attention_setting, policy_dtype
     from pipeline.precision import resolve_precision
     check_token_budget(cfg.train.max_length, cfg.train.max_prompt_length)
     return {
+        **attention_setting(cfg.model),
         "max_length": int(cfg.train.max_length),
         "max_prompt_length": int(cfg.train.max_prompt_length),
         "precision": resolve_precision(cfg.train.precision),

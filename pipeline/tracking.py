@@ -87,7 +87,7 @@ def flat_run_config(cfg: DictConfig) -> dict[str, Any]:
         "lambda_": OmegaConf.select(cfg, "method.lambda_"),
         "bucket": OmegaConf.select(cfg, "pairing.bucket_filter"),
         "seed": OmegaConf.select(cfg, "seed"),
-        "model_name": OmegaConf.select(cfg, "model.name"),
+        "model_name": OmegaConf.select(cfg, "model.name") or OmegaConf.select(cfg, "model.hub_id"),  # generic hub preset: its id
         "data_name": OmegaConf.select(cfg, "data.name"),
     }
     full.update(flat)

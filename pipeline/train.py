@@ -75,7 +75,7 @@ def bucket_filter(cfg: DictConfig) -> list[str] | None:
 
 
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
-    from pipeline.models import lora_enabled, policy_dtype
+    from pipeline.models import attention_setting, lora_enabled, policy_dtype
     train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL_KEYS}
     train["precision"] = resolve_precision(train["precision"])  # what ran, not "auto"
     if train.get("max_steps") is not None:
@@ -87,7 +87,7 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "bucket_filter": bucket_filter(cfg),
         # How the model is trained (the model artifact's key covers only its weights).
-        "model_use": {"weights_dtype": policy_dtype(cfg.model),
+        "model_use": {"weights_dtype": policy_dtype(cfg.model), **attention_setting(cfg.model),
                       "lora": OmegaConf.to_container(cfg.model.lora, resolve=True) if lora_enabled(cfg.model) else None},
     }
 

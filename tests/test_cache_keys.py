@@ -63,6 +63,7 @@ DEFAULT = {
     'model.dtype': {'evaluate', 'lm_eval'},
     'model.gradient_checkpointing': set(),
     'model.trust_remote_code': {'model'},
+    'model.attn_implementation': {'evaluate', 'lm_eval', 'reference', 'train'},
     'model.lora.enabled': {'train'},
     'model.lora.r': set(),
     'model.lora.alpha': set(),

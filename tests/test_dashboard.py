@@ -37,6 +37,9 @@ def test_every_panel_names_a_logged_metric(make_config, tmp_path, monkeypatch):
     raw = logged_bytes(tmp_path / "wb", names)
     missing = sorted(name for name in names if name.encode() not in raw)
     assert not missing, f"panels name metrics no run logged: {missing}"
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert Run(make_config(*TINY, "method=dpo"), tmp_path / "rerun").execute()["status"] == "ok"  # all cached
+    assert sorted((tmp_path / "wb" / "wandb").glob("offline-run-*")) == runs  # no duplicate W&B runs
     assert dashboard.main([str(tmp_path / "runs")]) == 0  # offline: the definition is written, not published
     spec = json.loads((tmp_path / "runs" / "report" / "dashboard.json").read_text())
     text = json.dumps(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,24 @@ def test_gpu_preset_stops_at_the_model_stage_offline(make_config, tmp_path, monk
     with pytest.raises(UserError, match="mistralai/Mistral-7B-Instruct-v0.2.*HF_HUB_OFFLINE"):
         Run(make_config("model=mistral_7b", "stages=[pair]", "logger=none"), tmp_path / "run").execute()
     assert not (tmp_path / "artifacts" / "pair").exists()  # nothing computed before the model stage failed
+
+
+def test_a_folder_with_only_bin_weights_stops_with_one_line(tiny_model_artifact, tiny_model_cfg, tmp_path):
+    """.bin weights are pickles (they can run code when loaded): the pipeline reads safetensors only and says
+    so in one line instead of transformers' traceback."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(Path(tiny_model_artifact.path) / "model")
+    out = tmp_path / "bin_only"
+    out.mkdir()
+    model.config.save_pretrained(out)
+    torch.save(model.state_dict(), out / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"bin_only: only \.bin \(pickle\) weights, no \.safetensors"):
+        models.load_causal_lm(out, tiny_model_cfg)
+
+
+def test_attn_implementation_reaches_the_model_and_is_checked(tiny_model_artifact, tiny_model_cfg):
+    eager = OmegaConf.merge(tiny_model_cfg, {"attn_implementation": "eager"})
+    assert models.load_causal_lm(tiny_model_artifact, eager).config._attn_implementation == "eager"
+    assert models.load_causal_lm(tiny_model_artifact, tiny_model_cfg).config._attn_implementation == "sdpa"  # the default
+    with pytest.raises(UserError, match=r"model.attn_implementation='fast': expected null"):
+        models.load_causal_lm(tiny_model_artifact, OmegaConf.merge(tiny_model_cfg, {"attn_implementation": "fast"}))
