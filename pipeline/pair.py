@@ -49,7 +49,7 @@ from pipeline.hub_revision import resolve_revision
 STAGE = "pair"
 SOURCES = ("synthetic", "local", "hub")
 SYNTHETIC_KEYS = ("name", "source", "seed", "num_problems", "num_eval_items", "kind_mix")
-HUB_KEYS = ("hub_id", "split", "revision")
+HUB_KEYS = ("hub_id", "subset", "split", "revision")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DISTANCES = ("char_distance", "char_ned", "token_distance", "token_ned")
 # Memory: the stage reads its source twice, BATCH_ROWS rows at a time, and never holds all its text.
@@ -175,7 +175,7 @@ def open_records(data: DictConfig, revision: str | None = None) -> tuple[Adapted
         return GeneratedStream(pairs), generated
     limit = int(data.limit) if data.get("limit") else None
     source: Source = (open_local(data.path, limit) if data.source == "local"
-                      else open_hub(data.hub_id, data.split, limit, revision=revision))
+                      else open_hub(data.hub_id, data.split, limit, revision=revision, subset=data.get("subset")))
     opts = {"strategy": data.multi_completion_strategy, "min_score_gap": data.min_score_gap,
             "assistant_marker": data.transcript.assistant_marker, "human_marker": data.transcript.human_marker}
     stream = AdaptedStream(source, str(data.schema), OmegaConf.to_container(data.columns, resolve=True), opts, BATCH_ROWS)

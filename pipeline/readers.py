@@ -219,11 +219,13 @@ def load_local(path: str | Path, limit: int | None = None) -> Loaded:
     return Loaded(source.records(), source.origin)
 
 
-def open_hub(hub_id: str, split: str, limit: int | None = None, revision: str | None = None) -> Source:
-    """A hub dataset split as a ``Source``: loaded (memory-mapped Arrow) now, converted to records batch by batch."""
+def open_hub(hub_id: str, split: str, limit: int | None = None, revision: str | None = None,
+             subset: str | None = None) -> Source:
+    """A hub dataset split (of configuration ``subset``, when it has several) as a ``Source``: loaded
+    (memory-mapped Arrow) now, converted to records batch by batch."""
     try:
         import datasets
-        dataset = datasets.load_dataset(hub_id, split=split, revision=revision)
+        dataset = datasets.load_dataset(hub_id, subset, split=split, revision=revision)
     except Exception as error:  # offline, unknown id, missing split: one line for the user either way
         reason = " ".join(str(error).split())[:200]
         raise UserError(f"data.hub_id={hub_id} split={split}: cannot load from the Hugging Face hub "
@@ -231,7 +233,8 @@ def open_hub(hub_id: str, split: str, limit: int | None = None, revision: str | 
                         f"download the file and use data=local data.path=<file> (JSONL, JSON, Parquet or CSV)") from None
     if limit:
         dataset = dataset.select(range(min(int(limit), len(dataset))))
-    origin = f"{hub_id}@{revision}:{split}" if revision else f"{hub_id}:{split}"
+    name = f"{hub_id}/{subset}" if subset else hub_id
+    origin = f"{name}@{revision}:{split}" if revision else f"{name}:{split}"
     return Source(origin, held(lambda: dataset, lambda data, start, stop: data.select(range(start, stop)).to_list()))
 
 

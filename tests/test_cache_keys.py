@@ -135,7 +135,7 @@ WITH_LORA = {**DEFAULT, "model.dtype": {"reference", "train", "evaluate", "lm_ev
 # not (and the synthetic generator's keys are absent, so the run seed no longer reaches the pairs: the
 # split hashes the prompt); a hub preset: the other way round for data.path.
 _NOT_DATA = {**{k: v for k, v in DEFAULT.items() if not k.startswith("data.")}, "seed": {"analyse", "train"}}
-HUB_LOCATION = ("data.hub_id", "data.split", "data.revision")
+HUB_LOCATION = ("data.hub_id", "data.subset", "data.split", "data.revision")
 
 
 def data_expectations(overrides: tuple[str, ...], unused: tuple[str, ...]) -> dict[str, set[str]]:
