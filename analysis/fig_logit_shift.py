@@ -1,7 +1,8 @@
 """F5: observed-token logit shift per method (BNF paper), chosen vs rejected.
 
-Per held-out pair, the mean over response tokens of the observed token's logit minus the reference's, as
-the evaluate stage stores it (``chosen_logit_shift``, ``rejected_logit_shift`` in
+Per held-out pair, the mean over response tokens of the observed token's logit minus the reference's, each
+logit centred (minus the mean logit of its position: raw logits are free up to a per-position constant, so a
+uniform drift is not a shift), as the evaluate stage stores it (``chosen_logit_shift``, ``rejected_logit_shift`` in
 preference_pairs.parquet); violins per method (label), chosen left, rejected right.
 """
 
@@ -18,4 +19,4 @@ NAME = "f5_logit_shift"
 
 def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     return paired_violins(tables, "chosen_logit_shift", "rejected_logit_shift",
-                          "observed-token logit − reference logit", NAME, out_dir)
+                          "centred observed-token logit − reference's", NAME, out_dir)

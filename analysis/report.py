@@ -33,7 +33,7 @@ FIGURES = (
      "Mean per-token log-prob of chosen tokens after the first token where chosen and rejected differ "
      "(Smaug Fig. 4), held-out pairs."),
     ("F4", fig_loglik_shift, "Log-likelihood shift", "Distributions of rho(chosen) and rho(rejected) on held-out pairs."),
-    ("F5", fig_logit_shift, "Logit shift", "Observed-token logit shift against the reference, chosen vs rejected."),
+    ("F5", fig_logit_shift, "Logit shift", "Observed-token logit shift against the reference, chosen vs rejected; each logit relative to the mean logit of its position."),
     ("F6", leaderboard, "Leaderboard", "Headline metric per task and their average; reference row = base model."),
     ("F7", fig_beta_lambda, "Sensitivity to beta and lambda", "Scores against DPO's beta and DPOP's lambda (Smaug Fig. 3)."),
     ("S1", study, "Smaug study: DPO vs DPOP on one edit-distance bucket at a time",

@@ -21,7 +21,7 @@ class TokenScores:
 
     token_logps: Tensor  # log p(input_ids[:, 1:]) from logits[:, :-1] (with grad)
     mask: Tensor  # 1.0 on response tokens (response_mask[:, 1:])
-    observed_logits: Tensor  # detached raw logit of the observed token (logit-shift analysis)
+    observed_logits: Tensor  # detached logit of the observed token minus its position's mean logit (logit shift)
     others: Tensor | None  # BNF's O_t = sum_{j != y_t} sg(p_j) * log p_j (grad through log p_j)
 
 
@@ -56,7 +56,10 @@ def score_tokens(logits: Tensor, input_ids: Tensor, response_mask: Tensor, with_
     # gather, exp and elementwise ops alone for fp32 inputs (it only lowers matmul-like ops), so no
     # autocast guard is needed; tests/test_logprobs.py fails if the upcast goes.
     shifted = logits[:, :-1].to(dtype)  # [N, T-1, V]
-    observed = shifted.detach().gather(-1, labels).squeeze(-1)  # [N, T-1]
+    # The observed token's logit relative to the mean logit of its position: raw logits are free up to a
+    # per-position constant (softmax ignores it), so a uniform drift would otherwise read as a "shift".
+    detached = shifted.detach()
+    observed = detached.gather(-1, labels).squeeze(-1) - detached.mean(-1)  # [N, T-1]
     # log_softmax saves only its output for backward (the upcast logits are freed), and its CPU
     # backward is faster than logsumexp's; measured at 8 x 128 x 49152.
     log_p = torch.log_softmax(shifted, dim=-1)

@@ -11,7 +11,8 @@ Definitions (docs/losses.md, Smaug Fig. 4; Smaug = Pal et al. 2024):
   without that token); ``ref_...`` the same under the reference. NaN when no chosen token follows the
   first difference (the chosen response is a prefix of the rejected one, or differs only at its end).
 - ``chosen_logit_shift``: mean over chosen response tokens of (policy observed-token logit -
-  reference observed-token logit); likewise ``rejected_logit_shift``.
+  reference observed-token logit), each logit taken relative to the mean logit of its position (raw
+  logits are free up to a per-position constant); likewise ``rejected_logit_shift``.
 
 One-sided rows (unpaired data, pipeline/unpaired.py: a side with 0 scored tokens is absent) get the
 quantities of the side they have (its log-probs, rho and logit shift); the absent side's and the

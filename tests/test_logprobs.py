@@ -23,7 +23,8 @@ def test_spec_single_token_values():
     assert scores.token_logps.dtype == torch.float32 and scores.token_logps.shape == (1, 1)
     assert scores.token_logps.item() == pytest.approx(-0.495182, abs=1e-6)
     assert scores.others.item() == pytest.approx(-0.712609, abs=1e-6)
-    assert scores.observed_logits.item() == 2.0 and not scores.observed_logits.requires_grad
+    # centred: the observed logit 2.0 minus the position's mean logit (2 + 1 + 0.5 - 1) / 4 = 0.625
+    assert scores.observed_logits.item() == pytest.approx(1.375, abs=1e-6) and not scores.observed_logits.requires_grad
     assert scores.mask.tolist() == [[1.0]]
 
 

@@ -52,14 +52,15 @@ def store(tmp_path_factory, tiny_model_artifact):
 
 
 def direct_scores(model, tokenizer, prompt, response, max_length, max_prompt_length):
-    """Log-probs and logits of the response tokens from one unpadded forward pass."""
+    """Log-probs and centred logits (observed minus the position's mean) of the response tokens from one
+    unpadded forward pass."""
     ids, start = encode_response(tokenizer, prompt, response, max_length, max_prompt_length)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0].double()
     positions = torch.arange(start - 1, len(ids) - 1)
     targets = torch.tensor(ids[start:])
     logps = torch.log_softmax(logits, -1)[positions, targets]
-    return logps, logits[positions, targets], targets
+    return logps, logits[positions, targets] - logits[positions].mean(-1), targets
 
 
 def test_reference_scores_equal_a_direct_forward_and_are_reused(store, tiny_model_cfg):
