@@ -27,7 +27,9 @@ from pipeline.batching import OneSidedEncoding, PairEncoding, collate, collate_r
 from pipeline.logprobs import score_tokens
 
 SIDES = ("chosen", "rejected")
-FORMAT = "prefopt.scored_pairs/1"
+FORMAT = "prefopt.scored_pairs/2"
+METADATA_KEY = "prefopt"  # ONE metadata entry: safetensors writes several in a random (hash-map) order,
+#                          so the same scores would give files that differ byte for byte
 
 
 @dataclass
@@ -90,19 +92,24 @@ class ScoredPairs:
             tensors[f"{side}.offsets"] = self.offsets[side].contiguous()
             if self.logits is not None:
                 tensors[f"{side}.logits"] = self.logits[side].contiguous()
-        save_file(tensors, str(path), metadata={"format": FORMAT, "pair_ids": json.dumps(self.pair_ids)})
+        header = json.dumps({"format": FORMAT, "pair_ids": self.pair_ids})
+        save_file(tensors, str(path), metadata={METADATA_KEY: header})
 
     @classmethod
     def load(cls, path: Path | str) -> "ScoredPairs":
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a scored-pairs file (format {metadata.get('format')!r})")
+        try:
+            header = json.loads(metadata.get(METADATA_KEY, "{}"))
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a scored-pairs file (format {header.get('format')!r})")
         tensors = load_file(str(path))
         has_logits = f"{SIDES[0]}.logits" in tensors
         return cls(
-            pair_ids=json.loads(metadata["pair_ids"]),
+            pair_ids=list(header["pair_ids"]),
             logps={s: tensors[f"{s}.logps"] for s in SIDES},
             token_id_values={s: tensors[f"{s}.token_ids"] for s in SIDES},
             offsets={s: tensors[f"{s}.offsets"] for s in SIDES},
