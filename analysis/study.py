@@ -19,7 +19,9 @@ A pair with no chosen token after the first difference (the chosen answer ends t
 ``train.max_length``) has no after-difference value and is left out of that quantity's count.
 
 The verdict sentences are generated from the intervals: "lowered" when the interval lies below 0,
-"raised" above 0, "did not clearly change" otherwise.
+"raised" above 0, "did not clearly change" otherwise. "Smaug's failure mode appears here" when DPO lowered
+the after-difference quantity, DPOP did not, and DPOP minus DPO lies above 0; Smaug expects it on
+low-edit-distance pairs and not on high ones, so "does not appear" is the expected outcome there.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.plotting import colors, plt, save
+from analysis.plotting import buckets_in_order, colors, plt, save
 
 NAME = "s1_smaug_study"
 METHODS = ("dpo", "dpop")
@@ -141,7 +143,8 @@ def verdict(table: pd.DataFrame) -> list[str]:
             f"chosen tokens after the first difference (shift {fmt(dpo)} per token, 95% interval) and "
             f"{direction(chosen)} the chosen log-prob ({fmt(chosen, 2)} nats); DPOP {direction(dpop)} them "
             f"({fmt(dpop)}); DPOP minus DPO {fmt(gap) if gap is not None else '–'}. "
-            + ("Smaug's direction reproduced here." if reproduced else "Smaug's direction did not reproduce here."))
+            + ("Smaug's failure mode appears here (DPO lowers the chosen tokens after the difference, DPOP keeps "
+               "them)." if reproduced else "Smaug's failure mode does not appear here."))
     return sentences
 
 
@@ -162,7 +165,7 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     curves = trajectories(tables)
     if curves.empty:
         return []
-    buckets = list(dict.fromkeys(curves["bucket"]))
+    buckets = buckets_in_order(curves["bucket"])  # low before high
     palette = colors(list(METHODS))
     fig, axes = plt.subplots(2, len(buckets), figsize=(4.6 * len(buckets), 6.4), sharex=True, squeeze=False)
     for column, bucket in enumerate(buckets):

@@ -89,8 +89,7 @@ def test_report_has_the_study_section_figure_and_verdict(study_sweep):
     assert (study_sweep / "report" / "figures" / "s1_smaug_study.png").is_file()
     verdicts = [line for line in report.splitlines() if line.startswith("Bucket ")]
     assert {line.split(" ")[1] for line in verdicts} == {"low", "high"}
-    assert all(line.endswith(("Smaug's direction reproduced here.", "Smaug's direction did not reproduce here."))
-               for line in verdicts)
+    assert all(line.endswith(("DPOP keeps them).", "Smaug's failure mode does not appear here.")) for line in verdicts)
 
 
 def interval_row(method: str, mean: float, half: float, quantity: str = "after_diff_shift") -> dict:
@@ -109,7 +108,7 @@ def test_verdict_follows_the_intervals(dpo, dpop, gap, reproduced):
     table = pd.DataFrame([interval_row("dpo", *dpo), interval_row("dpop", *dpop), interval_row("dpop - dpo", *gap),
                           interval_row("dpo", -5.0, 1.0, "chosen_shift")])
     (sentence,) = study.verdict(table)
-    assert sentence.endswith("did not reproduce here.") != reproduced, sentence
+    assert sentence.endswith("does not appear here.") != reproduced, sentence
     assert ("DPO lowered the chosen tokens" in sentence) == (dpo[0] + dpo[1] < 0)
 
 
