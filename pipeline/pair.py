@@ -345,36 +345,11 @@ def changed(origin: str) -> UserError:
                      f"two passes); run again once it is complete")
 
 
-def write_unpaired_stream(stream: AdaptedStream, keep: np.ndarray, ids: np.ndarray, tokenizer, pairing: DictConfig,
-                          path: Path) -> int:
-    """Pass two for unpaired rows: the first row of each row_id, written batch by batch."""
-    kept_ids = ids[keep]
-    writer: ParquetRows | None = None
-    index = written = 0
-    for rows in stream.batches(check_all=False):
-        selected = [r for r, kept in zip(rows, keep[index:index + len(rows)]) if kept]
-        index += len(rows)
-        if not selected:
-            continue
-        frame = unpaired_frame(selected, tokenizer, pairing)
-        stop = written + len(frame)
-        if stop > len(kept_ids) or not np.array_equal(np.fromiter(map(id_number, frame["row_id"]), np.uint64, len(frame)),
-                                                      kept_ids[written:stop]):
-            raise changed(stream.origin)
-        written = stop
-        writer = writer or ParquetRows(path, frame_schema(frame))
-        writer.write(frame)
-    if index != len(keep) or written != len(kept_ids) or writer is None:
-        raise changed(stream.origin)
-    writer.close()
-    return written
-
-
-def write_pairs(stream: AdaptedStream | GeneratedStream, scan: Scan, keep: np.ndarray, columns: dict[str, np.ndarray],
-                tokenizer, pairing: DictConfig, source: str, path: Path) -> None:
-    """Pass two: the kept pairs with their prompts, split, distances and bucket, written batch by batch."""
-    kept_ids = scan.ids[keep]
-    any_messages = bool(scan.messages[keep].any())
+def second_pass(stream: AdaptedStream | GeneratedStream, keep: np.ndarray, kept_ids: np.ndarray, path: Path,
+                make_frame, id_column: str, schema=frame_schema) -> int:
+    """Pass two, shared by pairs and unpaired rows: the kept items of each batch -> ``make_frame(selected,
+    written)`` -> appended to ``path``. The frame's ids must be the next ``kept_ids`` (else the source changed
+    between the passes); returns the rows written."""
     writer: ParquetRows | None = None
     index = written = 0
     for items in stream.batches(check_all=False):
@@ -382,21 +357,44 @@ def write_pairs(stream: AdaptedStream | GeneratedStream, scan: Scan, keep: np.nd
         index += len(items)
         if not selected:
             continue
-        prompts = render_prompts([p["raw_prompt"] for p in selected], [p["messages"] for p in selected], tokenizer,
-                                 bool(pairing.apply_chat_template))
-        frame, dropped = build_pairs_frame(selected, prompts, source, float(pairing.test_fraction))
+        frame = make_frame(selected, written)
         stop = written + len(frame)
-        ids = np.fromiter(map(id_number, frame["pair_id"]), np.uint64, len(frame))
-        if dropped or stop > len(kept_ids) or not np.array_equal(ids, kept_ids[written:stop]):
+        ids = np.fromiter(map(id_number, frame[id_column]), np.uint64, len(frame))
+        if stop > len(kept_ids) or not np.array_equal(ids, kept_ids[written:stop]):
             raise changed(stream.origin)
-        for name, values in columns.items():
-            frame[name] = values[written:stop]
         written = stop
-        writer = writer or ParquetRows(path, frame_schema(frame, ("prompt_messages",) if any_messages else ()))
+        writer = writer or ParquetRows(path, schema(frame))
         writer.write(frame)
     if index != len(keep) or written != len(kept_ids) or writer is None:
         raise changed(stream.origin)
     writer.close()
+    return written
+
+
+def write_unpaired_stream(stream: AdaptedStream, keep: np.ndarray, ids: np.ndarray, tokenizer, pairing: DictConfig,
+                          path: Path) -> int:
+    """Pass two for unpaired rows: the first row of each row_id, written batch by batch."""
+    return second_pass(stream, keep, ids[keep], path, lambda selected, _: unpaired_frame(selected, tokenizer, pairing),
+                       "row_id")
+
+
+def write_pairs(stream: AdaptedStream | GeneratedStream, scan: Scan, keep: np.ndarray, columns: dict[str, np.ndarray],
+                tokenizer, pairing: DictConfig, source: str, path: Path) -> None:
+    """Pass two: the kept pairs with their prompts, split, distances and bucket, written batch by batch."""
+    any_messages, kept_total = bool(scan.messages[keep].any()), int(keep.sum())
+
+    def make_frame(selected: list[dict], written: int) -> pd.DataFrame:
+        prompts = render_prompts([p["raw_prompt"] for p in selected], [p["messages"] for p in selected], tokenizer,
+                                 bool(pairing.apply_chat_template))
+        frame, dropped = build_pairs_frame(selected, prompts, source, float(pairing.test_fraction))
+        if dropped or written + len(frame) > kept_total:  # not the pairs pass one kept
+            raise changed(stream.origin)
+        for name, values in columns.items():  # pass one's distances of exactly these pairs (ids checked after)
+            frame[name] = values[written:written + len(frame)]
+        return frame
+
+    second_pass(stream, keep, scan.ids[keep], path, make_frame, "pair_id",
+                lambda frame: frame_schema(frame, ("prompt_messages",) if any_messages else ()))
 
 
 def pair_summary(scan: Scan, keep: np.ndarray, bucket: np.ndarray) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Deterministic arithmetic word problems and the preference pairs Smaug built from them.
 
-No preference data can be downloaded here, so the embedded default generates its own
-(DESIGN.md, "Data for the embedded default"). A problem is 2-4 steps on small numbers
+The embedded default must run offline and no package ships preference data, so it generates its own
+(docs/data.md: the recipe, pair kinds and held-out items). A problem is 2-4 steps on small numbers
 with a step-by-step solution ending in ``#### <answer>``, e.g.::
 
     Tom has 3 apples and buys 5 more, so he has 3 + 5 = 8 apples.
