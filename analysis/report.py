@@ -116,7 +116,7 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
 
 def study_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
     """The study's table (95% intervals over held-out pairs) and its generated verdict (analysis/study.py)."""
-    table = study.study_table(tables)
+    table = tables["study"]  # computed once by write_report
     return [("p", "Held-out pairs of the bucket each job trained on; each pair's value averaged over seeds; "
                   "95% Student-t interval over pairs; seed min..max = range of the per-seed means. "
                   "Quantities: after_diff_shift = mean log-prob per chosen token after the first differing token, "
@@ -169,7 +169,8 @@ def write_report(tables: dict[str, pd.DataFrame], out_dir: Path | str, source: P
     out_dir.mkdir(parents=True, exist_ok=True)
     table_files = save_tables(tables, out_dir / "tables")
     if study.applies(tables):
-        study.study_table(tables).to_csv(out_dir / "tables" / "study.csv", index=False)
+        tables = {**tables, "study": study.study_table(tables)}
+        tables["study"].to_csv(out_dir / "tables" / "study.csv", index=False)
         table_files.append(out_dir / "tables" / "study.csv")
     figures = make_figures(tables, out_dir / "figures")
     blocks = build_blocks(tables, figures, out_dir, source, table_files)
