@@ -16,6 +16,8 @@ from pathlib import Path
 class TrlResult:
     seconds: float          # wall time of the timed part (see run_trl)
     reference_rows: int     # sequences that went through the separate reference model's forward
+    policy_tokens: int = 0  # positions (padding included) through the policy's forwards during train()
+    reference_tokens: int = 0  # positions through the reference model's forwards (precomputation included)
 
 
 def quiet() -> None:
@@ -29,7 +31,7 @@ def quiet() -> None:
 
 
 def dpo_config(out: Path, *, batch: int, max_length: int, beta: float, loss_type: str, lr: float = 5e-6,
-               precompute: bool = False, max_steps: int | None = None):
+               precompute: bool = False, max_steps: int | None = None, bf16: bool = False):
     """DPOConfig matching our trainer's defaults in the benchmarks; ``max_steps=None`` means one epoch."""
     from trl import DPOConfig
 
@@ -39,7 +41,7 @@ def dpo_config(out: Path, *, batch: int, max_length: int, beta: float, loss_type
         lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0,
         beta=beta, loss_type=[loss_type], max_length=max_length, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=batch, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
-        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        bf16=bf16, seed=0, disable_tqdm=True, dataloader_num_workers=0)
 
 
 def run_trl(model_dir: Path, pairs, config, out: Path, time_construction: bool = True) -> TrlResult:
@@ -60,18 +62,25 @@ def run_trl(model_dir: Path, pairs, config, out: Path, time_construction: bool =
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # its end-of-training metrics dict would flood the benchmark output
-    rows = [0]
-    handle = None
-    if trainer.ref_model is not None:
+    counts = {"rows": 0, "reference": 0, "policy": 0}
+
+    def counter(key):
         def count(_module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            rows[0] += int(ids.shape[0])
-        handle = trainer.ref_model.register_forward_pre_hook(count, with_kwargs=True)
+            if ids is not None:
+                counts[key] += int(ids.numel())
+                if key == "reference":
+                    counts["rows"] += int(ids.shape[0])
+        return count
+
+    handles = [trainer.model.register_forward_pre_hook(counter("policy"), with_kwargs=True)]
+    if trainer.ref_model is not None:
+        handles.append(trainer.ref_model.register_forward_pre_hook(counter("reference"), with_kwargs=True))
     if not time_construction:
         started = time.perf_counter()
     trainer.train()
     trainer.save_model(str(out / "final"))
     seconds = time.perf_counter() - started
-    if handle is not None:
+    for handle in handles:
         handle.remove()
-    return TrlResult(seconds, rows[0])
+    return TrlResult(seconds, counts["rows"], counts["policy"], counts["reference"])

@@ -48,6 +48,7 @@ from pipeline.artifacts import Artifact, build
 from pipeline.errors import UserError
 from pipeline.models import attention_setting
 from pipeline.precision import resolve_precision
+from pipeline.scoring import forward_settings
 
 STAGE = "evaluate"
 LM_EVAL_STAGE = "lm_eval"  # the harness's part alone (see evaluate_model)
@@ -206,7 +207,7 @@ def preference_outputs(cfg: DictConfig, model, tokenizer, pair: Artifact, refere
     else:
         scoring = scoring_settings(cfg)
         policy_scored = score_pairs(model, tokenizer, test_pairs, scoring["max_length"], scoring["max_prompt_length"],
-                                    precision=scoring["precision"],
+                                    settings=forward_settings(cfg),
                                     desc="policy log-probs (test pairs)")
     table = pair_table(policy_scored, reference_scored, test_pairs)
     summary = summarise(table)
@@ -238,7 +239,7 @@ def config_subset(cfg: DictConfig, label: str) -> dict[str, Any]:
 def scoring_settings(cfg: DictConfig) -> dict[str, Any]:
     # The truncation and autocast the reference scores were computed with, so policy and reference align.
     return {"max_length": int(cfg.train.max_length), "max_prompt_length": int(cfg.train.max_prompt_length),
-            "precision": resolve_precision(cfg.train.precision)}
+            "precision": resolve_precision(cfg.train.precision), **forward_settings(cfg).key()}
 
 
 def _json_number(value: Any) -> Any:

@@ -47,19 +47,37 @@ def score_tokens(logits: Tensor, input_ids: Tensor, response_mask: Tensor, with_
             f"score_tokens: expected logits [N,T,V], input_ids [N,T], response_mask [N,T]; got "
             f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(response_mask.shape)}"
         )
-    dtype = _compute_dtype(logits.dtype)
-    labels = input_ids[:, 1:].long().unsqueeze(-1)  # [N, T-1, 1]
     keep = response_mask[:, 1:].bool()
-    mask = keep.to(dtype)
-    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    n, width, vocab = logits[:, :-1].shape
+    logp, observed, others = token_terms(logits[:, :-1].reshape(n * width, vocab), input_ids[:, 1:].reshape(-1),
+                                         with_others)
+    zero = torch.zeros((), dtype=logp.dtype, device=logits.device)
+    # where() rather than * mask: padding positions may hold inf/nan that 0 * x would keep.
+    return TokenScores(
+        token_logps=torch.where(keep, logp.view(n, width), zero),
+        mask=keep.to(logp.dtype),
+        observed_logits=torch.where(keep, observed.view(n, width), zero),
+        others=None if others is None else torch.where(keep, others.view(n, width), zero),
+    )
+
+
+def token_terms(logits: Tensor, labels: Tensor, with_others: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The per-position math every path shares: ``logits [Q, V]`` (any float dtype) and the observed
+    ``labels [Q]`` -> fp32 ``(log p(label), centred observed logit (detached), O_t or None)``, each ``[Q]``.
+
+    ``score_tokens`` applies it to a model's ``[N, T, V]`` logits; the chunked head
+    (``pipeline.logprob_head``) to each chunk of positions it projects.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    labels = labels.long().unsqueeze(-1)  # [Q, 1]
     # The upcast below is what keeps the math fp32 under bf16 autocast: autocast leaves log_softmax,
     # gather, exp and elementwise ops alone for fp32 inputs (it only lowers matmul-like ops), so no
     # autocast guard is needed; tests/test_logprobs.py fails if the upcast goes.
-    shifted = logits[:, :-1].to(dtype)  # [N, T-1, V]
+    shifted = logits.to(dtype)
     # The observed token's logit relative to the mean logit of its position: raw logits are free up to a
     # per-position constant (softmax ignores it), so a uniform drift would otherwise read as a "shift".
     detached = shifted.detach()
-    observed = detached.gather(-1, labels).squeeze(-1) - detached.mean(-1)  # [N, T-1]
+    observed = detached.gather(-1, labels).squeeze(-1) - detached.mean(-1)
     # log_softmax saves only its output for backward (the upcast logits are freed), and its CPU
     # backward is faster than logsumexp's; measured at 8 x 128 x 49152.
     log_p = torch.log_softmax(shifted, dim=-1)
@@ -69,15 +87,8 @@ def score_tokens(logits: Tensor, input_ids: Tensor, response_mask: Tensor, with_
         # O_t = sum_{j != y} sg(p_j) log p_j: the observed token's weight zeroed, weights detached.
         weights = log_p.detach().exp().scatter_(-1, labels, 0.0)
         # clamp: a -inf logit has weight 0, and 0 * -inf would be nan.
-        o_t = (weights * log_p.clamp_min(torch.finfo(dtype).min)).sum(-1)
-        others = torch.where(keep, o_t, zero)
-    # where() rather than * mask: padding positions may hold inf/nan that 0 * x would keep.
-    return TokenScores(
-        token_logps=torch.where(keep, token_logps, zero),
-        mask=mask,
-        observed_logits=torch.where(keep, observed, zero),
-        others=others,
-    )
+        others = (weights * log_p.clamp_min(torch.finfo(dtype).min)).sum(-1)
+    return token_logps, observed, others
 
 
 def first_difference_index(a: Sequence[int], b: Sequence[int]) -> int:

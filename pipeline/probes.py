@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline.precision import resolve_precision
+from pipeline.scoring import forward_settings
 
 TRAJECTORY_COLUMNS = {  # trajectories.jsonl field -> pair_table column
     "pair_id": "pair_id", "bucket": "bucket", "kind": "kind",
@@ -50,7 +50,7 @@ class ProbeRecorder:
         self.reference = reference if rows else None  # pair_table matches rows by pair_id
         self.tokenizer, self.path, self.tracker = tokenizer, path, tracker
         self.max_length, self.max_prompt_length = int(cfg.train.max_length), int(cfg.train.max_prompt_length)
-        self.precision = resolve_precision(cfg.train.precision)
+        self.settings = forward_settings(cfg)
 
     def record(self, model, step: int) -> None:
         if self.reference is None:
@@ -62,7 +62,7 @@ class ProbeRecorder:
         model.eval()
         with torch.no_grad():
             scored = score_pairs(model, self.tokenizer, self.pairs, self.max_length, self.max_prompt_length,
-                                 precision=self.precision, progress=False)
+                                 settings=self.settings, progress=False)
         model.train(was_training)
         table = pair_table(scored, self.reference, self.pairs)
         rows = [{"step": step, **{field: json_value(record[column]) for field, column in TRAJECTORY_COLUMNS.items()}}

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import Artifact, build
 from pipeline.batching import check_token_budget
 from pipeline import unpaired
-from pipeline.scoring import ScoredPairs, concat_scored, score_pairs
+from pipeline.scoring import ForwardSettings, ScoredPairs, concat_scored, forward_settings, score_pairs
 
 STAGE = "reference"
 SCORES_FILE = "reference.safetensors"
@@ -52,6 +52,7 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
         "max_prompt_length": int(cfg.train.max_prompt_length),
         "precision": resolve_precision(cfg.train.precision),
         "weights_dtype": policy_dtype(cfg.model),  # as the policy loads them, so step 0 reproduces these scores
+        **forward_settings(cfg).key(),  # the forward layout and head chunking every scoring stage shares
     }
 
 
@@ -73,13 +74,14 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     def compute(workdir: Path) -> dict[str, Any]:
         tokenizer = load_tokenizer(inputs["model"], trust_remote_code=bool(cfg.model.trust_remote_code))
         model = load_causal_lm(inputs["model"], cfg.model, dtype=subset["weights_dtype"]).to(device())
+        settings = ForwardSettings(subset["prefix_sharing"], subset["logprob_chunk"], subset["precision"])
         scored = score_pairs(model, tokenizer, pairs, subset["max_length"], subset["max_prompt_length"],
-                             precision=subset["precision"], desc="reference log-probs")
+                             settings=settings, desc="reference log-probs")
         scored.save(workdir / SCORES_FILE)
         extra = {}
         if one_sided is not None:
             lone = score_pairs(model, tokenizer, one_sided, subset["max_length"], subset["max_prompt_length"],
-                               precision=subset["precision"], desc="reference log-probs (one-sided rows)")
+                               settings=settings, desc="reference log-probs (one-sided rows)")
             lone.save(workdir / UNPAIRED_SCORES_FILE)
             extra = {"unpaired_rows": len(lone), "unpaired_tokens": int(sum(lone.lengths(s).sum() for s in ("chosen", "rejected")))}
         return {"pairs": len(scored), "sequences_scored": 2 * len(scored) + extra.get("unpaired_rows", 0),

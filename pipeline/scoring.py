@@ -13,6 +13,7 @@ an absent side as length 0.
 from __future__ import annotations
 
 import json
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,11 @@ from torch import Tensor
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline.batching import OneSidedEncoding, PairEncoding, collate, collate_rows, encode_pairs
-from pipeline.logprobs import score_tokens
+from pipeline.batching import OneSidedEncoding, PairEncoding, encode_pairs
+from pipeline.errors import UserError
+from pipeline.logprob_head import _cast, _logits, head_of, score_hidden, unwrap
+from pipeline.logprobs import TokenScores
+from pipeline.packing import SHARING, PairLayout, one_row_layout, pair_layout
 
 SIDES = ("chosen", "rejected")
 FORMAT = "prefopt.scored_pairs/2"
@@ -146,50 +150,144 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
-def response_logits(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits of the positions that predict response tokens, with input_ids and response_mask cut to match.
+@dataclass(frozen=True)
+class ForwardSettings:
+    """How a pair goes through the model (pipeline/packing.py, pipeline/logprob_head.py): the same in every
+    stage that scores pairs (reference, training, probes, evaluation), so step 0 reproduces the reference."""
 
-    Only positions from the batch's earliest response start on predict response tokens: the
-    vocabulary projection (and later the log-softmax) of the prompt positions before it is skipped.
-    Shared by reference scoring and the training forward so both see the same computation.
-    """
-    width = batch["input_ids"].shape[1]
-    has_response = batch["response_mask"].bool().any(dim=1)
-    starts = batch["response_mask"].float().argmax(dim=1)[has_response]
-    keep_from = max(int(starts.min()) - 1, 0) if len(starts) else 0
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=width - keep_from).logits
-    return logits, batch["input_ids"][:, keep_from:], batch["response_mask"][:, keep_from:]
+    sharing: str = "response"  # response | prompt | none (train.prefix_sharing)
+    chunk: int | None = 1024  # positions per chunk of the output head (train.logprob_chunk); None = all at once
+    precision: str = "fp32"  # fp32 | bf16: autocast of the forward (the head itself always runs in fp32)
+
+    @classmethod
+    def from_config(cls, train_cfg, precision: str) -> "ForwardSettings":
+        sharing = str(train_cfg.get("prefix_sharing", "response"))
+        if sharing not in SHARING:
+            raise UserError(f"train.prefix_sharing={sharing!r}: expected one of {', '.join(SHARING)}")
+        chunk = train_cfg.get("logprob_chunk", 1024)
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise UserError(f"train.logprob_chunk={chunk!r}: expected a positive integer or null")
+        return cls(sharing, chunk, precision)
+
+    def key(self) -> dict[str, Any]:
+        """The settings in the keys of the stages that score pairs (precision is keyed by each stage)."""
+        return {"prefix_sharing": self.sharing, "logprob_chunk": self.chunk}
 
 
-def pair_forward(model, encoding: PairEncoding, pad_id: int, device: torch.device, with_others: bool = False):
-    """One pair's forward: rows [chosen, rejected] padded to the pair's longer one; ``TokenScores`` of both.
+def forward_settings(cfg) -> ForwardSettings:
+    """The run's ``ForwardSettings`` from ``cfg.train`` (precision resolved: "auto" -> what runs)."""
+    from pipeline.precision import resolve_precision
+    return ForwardSettings.from_config(cfg.train, resolve_precision(cfg.train.precision))
+
+
+MASKABLE = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+_head_checked: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _attention_mask(model, layout: PairLayout, sharing: str, device: torch.device) -> Tensor:
+    if layout.attention.dim() == 2:
+        return layout.attention.to(device)
+    implementation = getattr(unwrap(model).config, "_attn_implementation", None)
+    if implementation not in MASKABLE:
+        raise UserError(f"model.attn_implementation={implementation}: cannot take the custom attention mask of "
+                        f"train.prefix_sharing={sharing} (needs one of {', '.join(MASKABLE)}); set "
+                        f"train.prefix_sharing=none or model.attn_implementation=sdpa")
+    mask = layout.attention.to(device)
+    if implementation == "eager":  # eager attention adds the mask to its scores
+        dtype = unwrap(model).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _decoder_states(model, layout: PairLayout, sharing: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The decoder's final hidden states ``[R, L, H]`` (what the head reads) and the model's own logits of
+    each row's last position (its head is run on one position only: ``logits_to_keep=1``).
+
+    The model is called whole (a DDP wrapper's forward must run) and the hidden states are taken from its
+    decoder's output by a hook."""
+    captured = []
+
+    def keep(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    hook = unwrap(model).get_decoder().register_forward_hook(keep)
+    try:
+        out = model(input_ids=layout.input_ids.to(device), attention_mask=_attention_mask(model, layout, sharing, device),
+                    position_ids=layout.position_ids.to(device), logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1], out.logits[:, -1]
+
+
+def _check_head(model, hidden: Tensor, model_logits: Tensor, head) -> None:
+    """Once per model: the chunked head reproduces the model's own logits (else its head is not plain)."""
+    inner = unwrap(model)
+    if inner in _head_checked:
+        return
+    with torch.no_grad():
+        weight, bias = _cast(head)
+        ours = _logits(hidden[:, -1].detach(), head, weight, bias)
+        theirs = model_logits.detach().float()
+        # Both heads run in fp32 on the same hidden states: a structural difference (a missing scale or cap)
+        # is orders of magnitude above the rounding of two matmul kernels.
+        tolerance = 1e-4 * max(1.0, float(theirs.abs().max()))
+        if not torch.allclose(ours, theirs, rtol=0, atol=tolerance):
+            raise UserError(f"model {type(inner).__name__}: its logits are not a linear head of the decoder's output "
+                            f"(max difference {float((ours - theirs).abs().max()):.3g}); the chunked log-prob head "
+                            f"cannot score this architecture")
+    _head_checked.add(inner)
+
+
+def layout_forward(model, layout: PairLayout, settings: ForwardSettings, device: torch.device,
+                   with_others: bool = False) -> TokenScores:
+    """``TokenScores`` ``[S, T-1]`` (S = the layout's sides) of one pair's (or one row's) layout."""
+    hidden, model_logits = _decoder_states(model, layout, settings.sharing, device)
+    head = head_of(model)
+    _check_head(model, hidden, model_logits, head)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    positions, labels = layout.query_positions.to(device), layout.query_labels.to(device)
+    logps, observed, others = score_hidden(flat[positions], labels, head, settings.chunk, with_others)
+    cells = layout.cell_query.to(device)
+    present = cells >= 0
+    index = cells.clamp_min(0)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+
+    def place(values: Tensor) -> Tensor:
+        return torch.where(present, values[index], zero) if values.numel() else torch.zeros(cells.shape, device=device)
+
+    return TokenScores(token_logps=place(logps), mask=present.float(), observed_logits=place(observed),
+                       others=place(others) if with_others else None)
+
+
+def pair_forward(model, encoding: PairEncoding, pad_id: int, device: torch.device, with_others: bool = False,
+                 settings: ForwardSettings = ForwardSettings()):
+    """One pair's forward in its layout (``settings.sharing``); ``TokenScores`` ``[2, T-1]`` of both sides
+    (row 0 chosen, row 1 rejected) and their token ids right-padded to ``[2, T]``.
 
     The layout depends on the pair alone, never on which other pairs share a batch: the reference
     stage, the trainer, probes and evaluation all score a pair through this function, so the policy's
-    first forward reproduces the reference log-probs bit for bit (in any precision), and no token is
-    computed for padding longer than the pair itself.
+    first forward reproduces the reference log-probs bit for bit (in any precision).
     """
-    batch = {k: v.to(device) for k, v in collate([encoding], pad_id).items()}
-    logits, input_ids, response_mask = response_logits(model, batch)
-    return score_tokens(logits, input_ids, response_mask, with_others=with_others), input_ids
+    layout = pair_layout(encoding.chosen_ids, encoding.rejected_ids, encoding.chosen_start, encoding.rejected_start,
+                         settings.sharing, pad_id)
+    return layout_forward(model, layout, settings, device, with_others), layout.padded_ids.to(device)
 
 
-def response_forward(model, encoding: OneSidedEncoding, pad_id: int, device: torch.device, with_others: bool = False):
+def response_forward(model, encoding: OneSidedEncoding, pad_id: int, device: torch.device, with_others: bool = False,
+                     settings: ForwardSettings = ForwardSettings()):
     """One response alone (a one-sided row): a single row, no padding; ``TokenScores`` ``[1, T-1]``.
 
     The one-sided counterpart of ``pair_forward``: the reference stage, the trainer, probes and
     evaluation all score a one-sided row through it, so its first training forward is bit-identical
     to the stored reference too.
     """
-    batch = {k: v.to(device) for k, v in collate_rows([(encoding.ids, encoding.start)], pad_id).items()}
-    logits, input_ids, response_mask = response_logits(model, batch)
-    return score_tokens(logits, input_ids, response_mask, with_others=with_others), input_ids
+    layout = one_row_layout(encoding.ids, encoding.start)
+    return layout_forward(model, layout, settings, device, with_others), layout.padded_ids.to(device)
 
 
 @torch.no_grad()
 def score_encodings(model, encodings: Sequence[PairEncoding | OneSidedEncoding], pad_id: int, pair_ids: Sequence[Any],
-                    with_logits: bool = True, precision: str = "fp32", progress: bool = True,
+                    with_logits: bool = True, settings: ForwardSettings = ForwardSettings(), progress: bool = True,
                     desc: str = "scoring pairs") -> ScoredPairs:
     """Score each pair with ``pair_forward`` (chosen and rejected in one forward), each one-sided row
     with ``response_forward`` (its absent side stored as an empty row)."""
@@ -201,9 +299,9 @@ def score_encodings(model, encodings: Sequence[PairEncoding | OneSidedEncoding],
     try:
         for encoding in tqdm(encodings, desc=desc, unit="pair", disable=not progress):
             one_sided = isinstance(encoding, OneSidedEncoding)
-            with autocast_context(device, precision):
+            with autocast_context(device, settings.precision):
                 forward = response_forward if one_sided else pair_forward
-                scores, input_ids = forward(model, encoding, pad_id, device)
+                scores, input_ids = forward(model, encoding, pad_id, device, settings=settings)
             keep = scores.mask.bool().cpu()
             token_logps, observed, targets = scores.token_logps.cpu(), scores.observed_logits.cpu(), input_ids[:, 1:].cpu()
             for k, side in enumerate([encoding.side] if one_sided else SIDES):
@@ -235,7 +333,7 @@ def concat_scored(parts: Sequence[ScoredPairs]) -> ScoredPairs:
 
 
 def score_pairs(model, tokenizer, pairs_df, max_length: int, max_prompt_length: int,
-                with_logits: bool = True, precision: str = "fp32", progress: bool = True,
+                with_logits: bool = True, settings: ForwardSettings = ForwardSettings(), progress: bool = True,
                 desc: str = "scoring pairs") -> ScoredPairs:
     """Score every row of ``pairs_df`` (columns pair_id, prompt, chosen, rejected) under ``model``; a row
     whose chosen or rejected is None is one-sided and scored alone (``response_forward``)."""
@@ -243,7 +341,7 @@ def score_pairs(model, tokenizer, pairs_df, max_length: int, max_prompt_length: 
                              int(max_length), int(max_prompt_length))
     pair_ids = [_plain(v) for v in pairs_df["pair_id"]]
     return score_encodings(model, encodings, tokenizer.pad_token_id, pair_ids,
-                           with_logits=with_logits, precision=precision, progress=progress, desc=desc)
+                           with_logits=with_logits, settings=settings, progress=progress, desc=desc)
 
 
 def _plain(value: Any) -> Any:

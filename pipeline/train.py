@@ -48,6 +48,7 @@ from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore
                                     truncate_jsonl)
 from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
+from pipeline.scoring import ForwardSettings
 from pipeline import unpaired
 from pipeline.probes import ProbeRecorder, append_jsonl
 from pipeline.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer, disable_dropout,
@@ -190,6 +191,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     precision = resolve_precision(train_cfg.precision)
+    settings = ForwardSettings.from_config(train_cfg, precision)  # the reference stage's layout and head
     accelerator = Accelerator(cpu=use_cpu(), mixed_precision="bf16" if precision == "bf16" else "no")
     model = load_causal_lm(upstream["model"], cfg.model, trainable=True)  # fp32 master weights (models.policy_dtype)
     if bool(train_cfg.disable_dropout):
@@ -256,7 +258,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
                 with sync:
                     result = forward_micro_batch(model, encodings.of(rows), tokenizer.pad_token_id, rows, reference,
                                                  loss_fn, method_cfg, accelerator.device,
-                                                 quiet=lambda: accelerator.no_sync(model))
+                                                 quiet=lambda: accelerator.no_sync(model), settings=settings)
                     check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
                     weight = len(rows) * accelerator.num_processes / step_pairs
                     accelerator.backward(result.output.loss * weight)
@@ -296,6 +298,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
                                   "dropped_pairs_kept_rejected": sum(side == "rejected" for side in kept.values())},
                    "processes": accelerator.num_processes, "global_batch": stream.global_batch * accumulation,
                    "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
+                   "positions_computed": tokens_seen * accelerator.num_processes,  # padding included (packing.py)
                    "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
                    "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
                    "final": last}

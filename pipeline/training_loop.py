@@ -19,7 +19,8 @@ from torch import Tensor
 
 from pipeline.batching import DroppedEncoding, OneSidedEncoding, PairEncoding, encode_row
 from pipeline.losses import LossInput, LossOutput
-from pipeline.scoring import pair_forward, response_forward
+from pipeline.packing import computed_tokens
+from pipeline.scoring import ForwardSettings, pair_forward, response_forward
 
 SIDES = ("chosen", "rejected")
 
@@ -206,13 +207,14 @@ class MicroBatchResult:
     output: LossOutput
     chosen_rho: Tensor  # [B] policy minus reference sequence log-prob (detached)
     rejected_rho: Tensor
-    tokens: int  # tokens through the model (each pair padded only to its own longer response)
+    tokens: int  # positions through the model (pipeline/packing.py: shared prefix once, no padding)
     pairs: int
     chosen_present: list[bool] | None = None  # [B] the row has this side (None: every row has both)
     rejected_present: list[bool] | None = None
 
 
-def forward_row(model, encoding, pad_id: int, device: torch.device, with_others: bool):
+def forward_row(model, encoding, pad_id: int, device: torch.device, with_others: bool,
+                settings: ForwardSettings = ForwardSettings()):
     """One row's forward in its reference layout: ``({side: (token_logps, mask, others) or None}, same, tokens)``.
 
     A pair (and a pair with a dropped side) goes through ``pair_forward``, a one-sided row through
@@ -220,16 +222,17 @@ def forward_row(model, encoding, pad_id: int, device: torch.device, with_others:
     pair's layout needs it) but is returned as None, so nothing of it reaches the loss.
     """
     if isinstance(encoding, OneSidedEncoding):
-        scores, _ = response_forward(model, encoding, pad_id, device, with_others=with_others)
+        scores, _ = response_forward(model, encoding, pad_id, device, with_others=with_others, settings=settings)
         kept = {encoding.side: 0}  # side -> its row in the forward
         same, tokens = False, len(encoding.ids)
     else:
         pair = encoding.pair if isinstance(encoding, DroppedEncoding) else encoding
-        scores, input_ids = pair_forward(model, pair, pad_id, device, with_others=with_others)
+        scores, input_ids = pair_forward(model, pair, pad_id, device, with_others=with_others, settings=settings)
         kept = {side: k for k, side in enumerate(SIDES)
                 if not isinstance(encoding, DroppedEncoding) or side == encoding.kept}
         same = len(kept) == 2 and bool(same_rows(input_ids, scores.mask, 1)[0])
-        tokens = len(pair.chosen_ids) + len(pair.rejected_ids)
+        tokens = computed_tokens(pair.chosen_ids, pair.rejected_ids, pair.chosen_start, pair.rejected_start,
+                                 settings.sharing)
     sides = {}
     for side in SIDES:
         k = kept.get(side)
@@ -239,7 +242,8 @@ def forward_row(model, encoding, pad_id: int, device: torch.device, with_others:
 
 
 def forward_micro_batch(model, encodings: Sequence[Any], pad_id: int, rows: Sequence[int], reference, loss_fn,
-                        method_cfg: dict, device: torch.device, quiet=contextlib.nullcontext) -> MicroBatchResult:
+                        method_cfg: dict, device: torch.device, quiet=contextlib.nullcontext,
+                        settings: ForwardSettings = ForwardSettings()) -> MicroBatchResult:
     """Each row through its reference layout (``forward_row``), then one loss over all.
 
     Scoring a pair alone, in the same layout as the reference stage (a one-sided row alone, as a single
@@ -258,7 +262,7 @@ def forward_micro_batch(model, encodings: Sequence[Any], pad_id: int, rows: Sequ
     empty = torch.zeros(0, dtype=torch.float32, device=device)
     for index, encoding in enumerate(encodings):
         with quiet() if index < len(encodings) - 1 else contextlib.nullcontext():
-            sides, is_same, count = forward_row(model, encoding, pad_id, device, with_others)
+            sides, is_same, count = forward_row(model, encoding, pad_id, device, with_others, settings)
         for side in SIDES:
             token_logps, mask, others = sides[side] if sides[side] is not None else (empty, empty, empty)
             present[side].append(sides[side] is not None)

@@ -79,6 +79,8 @@ DEFAULT = {
     'train.max_length': {'evaluate', 'reference', 'train'},
     'train.max_prompt_length': {'evaluate', 'reference', 'train'},
     'train.precision': {'evaluate', 'reference', 'train'},
+    'train.prefix_sharing': {'evaluate', 'reference', 'train'},
+    'train.logprob_chunk': {'evaluate', 'reference', 'train'},
     'train.disable_dropout': {'train'},
     'train.lr': {'train'},
     'train.weight_decay': {'train'},

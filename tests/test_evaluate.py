@@ -77,7 +77,7 @@ def test_baseline_is_recorded_with_zero_shift(trained_run):
     """The base model's evaluation is the reference artifact's scores; scoring the base model for real
     (the same per-pair layout) gives exactly those numbers, so its shifts are exactly 0 by measurement."""
     from pipeline import models
-    from pipeline.scoring import score_pairs
+    from pipeline.scoring import forward_settings, score_pairs
     root, record = trained_run
     manifest = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())
     baseline = Path(manifest["baseline"]["path"])
@@ -90,7 +90,7 @@ def test_baseline_is_recorded_with_zero_shift(trained_run):
     cfg = compose_config(*FAST)
     model_artifact = Artifact("model", "", artifact_of(record, "model"), True)
     scored = score_pairs(models.load_causal_lm(model_artifact, cfg.model), models.load_tokenizer(model_artifact),
-                         test_pairs, 128, 64, precision=resolve_precision(cfg.train.precision), progress=False)
+                         test_pairs, 128, 64, settings=forward_settings(cfg), progress=False)
     assert list(table["pair_id"]) == scored.pair_ids
     assert table["policy_chosen_logp"].tolist() == scored.seq_logps("chosen").tolist()
     assert table["policy_rejected_logp"].tolist() == scored.seq_logps("rejected").tolist()
