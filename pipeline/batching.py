@@ -10,8 +10,7 @@ Truncation rules (documented once, used everywhere):
   is kept); a kept BOS stays at position 0.
 - The response is encoded separately (no special tokens) and ends with ``eos_token_id``; it is cut
   at its END so that prompt + response <= ``max_length`` (a cut response loses its EOS).
-- Chosen and rejected of a batch go through ONE forward: rows ``[0, B)`` are chosen, ``[B, 2B)``
-  rejected, right-padded with ``pad_id``.
+- How a pair goes through the model (one packed row, or two padded rows) is pipeline/packing.py.
 - A one-sided row (unpaired data: only a chosen or only a rejected response) is one sequence,
   ``OneSidedEncoding``, forwarded alone (one row, no padding); ``encode_row`` picks the form from which
   sides a row has.
@@ -21,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
-
-import torch
 
 from pipeline.errors import UserError
 
@@ -118,25 +115,3 @@ def encode_pairs(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejec
                  max_length: int, max_prompt_length: int) -> list[PairEncoding | OneSidedEncoding]:
     """Every row encoded by ``encode_row`` (pairs, and one-sided rows where a side is None)."""
     return [encode_row(tokenizer, p, c, r, max_length, max_prompt_length) for p, c, r in zip(prompts, chosen, rejected)]
-
-
-def collate(encodings: Sequence[PairEncoding], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``response_mask`` of shape ``[2B, T]``.
-
-    Rows ``[0, B)`` are the chosen responses, rows ``[B, 2B)`` the rejected ones, in pair order.
-    """
-    rows = [(e.chosen_ids, e.chosen_start) for e in encodings] + [(e.rejected_ids, e.rejected_start) for e in encodings]
-    return collate_rows(rows, pad_id)
-
-
-def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``(token ids, first response index)`` per row -> right-padded ``[N, T]`` tensors, as ``collate``."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (ids, start) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-        response_mask[row, start: len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}

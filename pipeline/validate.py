@@ -240,7 +240,20 @@ def check_model(cfg: DictConfig) -> None:
     check_model_config(cfg)
 
 
-CHECKS += [check_model]
+def check_forward_layout(cfg: DictConfig) -> None:
+    """train.prefix_sharing / logprob_chunk, and a packed layout only with an attention that takes its mask."""
+    if select(cfg, "train") is None:
+        return
+    from pipeline.scoring import MASKABLE, ForwardSettings  # lazy: pulls in torch
+    settings = ForwardSettings.from_config(cfg.train, "fp32")
+    attention = select(cfg, "model.attn_implementation")
+    if settings.sharing != "none" and attention is not None and attention not in MASKABLE:
+        raise UserError(f"model.attn_implementation={attention}: cannot take the custom attention mask of "
+                        f"train.prefix_sharing={settings.sharing} (needs one of {', '.join(MASKABLE)}); set "
+                        f"train.prefix_sharing=none")
+
+
+CHECKS += [check_model, check_forward_layout]
 
 
 # Data and pairing (conf/data/, conf/pairing/): choices and shapes, before any file is read.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import models
-from pipeline.batching import PairEncoding, check_token_budget, collate, encode_pair, encode_response
+from pipeline.batching import check_token_budget, encode_pair, encode_response
 from pipeline.errors import UserError
 
 
@@ -59,16 +59,13 @@ def test_bos_adding_tokenizer_gets_exactly_one_bos(tokenizer):
     assert ids.count(bos_tok.bos_token_id) == 1
 
 
-def test_collate_rows_and_masks():
-    pairs = [PairEncoding([5, 6, 7, 8], [5, 6, 9], 2, 2), PairEncoding([5, 1, 2, 3, 4, 0], [5, 1, 7], 1, 1)]
-    batch = collate(pairs, pad_id=99)
-    assert batch["input_ids"].tolist() == [
-        [5, 6, 7, 8, 99, 99], [5, 1, 2, 3, 4, 0],  # chosen rows first
-        [5, 6, 9, 99, 99, 99], [5, 1, 7, 99, 99, 99],  # then rejected, right-padded
-    ]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
-    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0]]
-    assert batch["input_ids"].dtype == torch.long
+def test_unshared_layout_rows_and_masks():
+    from pipeline.packing import pair_layout
+    layout = pair_layout([5, 6, 7, 8], [5, 6, 9], 2, 2, "none", pad_id=99)
+    assert layout.input_ids.tolist() == [[5, 6, 7, 8], [5, 6, 9, 99]]  # chosen row, then rejected, right-padded
+    assert layout.attention.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert (layout.cell_query >= 0).long().tolist() == [[0, 1, 1], [0, 1, 0]]  # response tokens 7, 8 and 9
+    assert layout.input_ids.dtype == torch.long and layout.shared == 0
 
 
 def test_encode_pair_shares_the_prompt(tokenizer):

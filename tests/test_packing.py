@@ -196,3 +196,14 @@ def test_bad_settings_get_one_line():
         ForwardSettings.from_config(OmegaConf.create({"prefix_sharing": "both"}), "fp32")
     with pytest.raises(UserError, match="train.logprob_chunk=0"):
         ForwardSettings.from_config(OmegaConf.create({"logprob_chunk": 0}), "fp32")
+
+
+def test_validation_stops_a_packed_layout_with_flash_attention_before_any_stage():
+    from pipeline.validate import check_forward_layout
+    from tests.conftest import compose_config
+    with pytest.raises(UserError, match="model.attn_implementation=flash_attention_2: cannot take"):
+        check_forward_layout(compose_config("model.attn_implementation=flash_attention_2"))
+    check_forward_layout(compose_config("model.attn_implementation=flash_attention_2", "train.prefix_sharing=none"))
+    check_forward_layout(compose_config("model.attn_implementation=eager"))
+    with pytest.raises(UserError, match="train.prefix_sharing='yes'"):
+        check_forward_layout(compose_config("train.prefix_sharing=yes"))
