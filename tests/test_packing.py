@@ -207,3 +207,32 @@ def test_validation_stops_a_packed_layout_with_flash_attention_before_any_stage(
     check_forward_layout(compose_config("model.attn_implementation=eager"))
     with pytest.raises(UserError, match="train.prefix_sharing='yes'"):
         check_forward_layout(compose_config("train.prefix_sharing=yes"))
+
+
+def test_lora_with_gradient_checkpointing_trains_through_the_packed_forward(tiny_model_artifact, tiny_model_cfg):
+    """A PEFT-wrapped, checkpointed policy: the decoder's hidden states are found through the wrapper, the
+    frozen head gets no gradient, and the LoRA gradients equal those of the unshared layout."""
+    from pipeline import models
+    cfg = OmegaConf.merge(tiny_model_cfg, {"gradient_checkpointing": True, "lora": {"enabled": True}})
+    tokenizer = models.load_tokenizer(tiny_model_artifact)
+    encodings = [encode_pair(tokenizer, p, c, r, 128, 64) for p, c, r in PAIRS]
+    frame_model = models.load_causal_lm(tiny_model_artifact, tiny_model_cfg)
+    import pandas as pd
+    frame = pd.DataFrame({"pair_id": range(len(PAIRS)), "prompt": [p for p, _, _ in PAIRS],
+                          "chosen": [c for _, c, _ in PAIRS], "rejected": [r for _, _, r in PAIRS]})
+    reference = score_pairs(frame_model, tokenizer, frame, 128, 64, progress=False)
+    method = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / "bnf.yaml"), resolve=True)
+    grads = {}
+    for sharing in ("response", "none"):
+        torch.manual_seed(0)  # LoRA's B starts at zero, A at random: the same start for both layouts
+        policy = models.load_causal_lm(tiny_model_artifact, cfg, trainable=True)
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        result = forward_micro_batch(policy, encodings, 0, list(range(len(PAIRS))), reference, get_loss("bnf"), method,
+                                     torch.device("cpu"), settings=ForwardSettings(sharing, 8))
+        result.output.loss.backward()
+        grads[sharing] = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+        assert grads[sharing] and all("lora_" in n and g is not None for n, g in grads[sharing].items())
+    for name, grad in grads["response"].items():
+        torch.testing.assert_close(grad, grads["none"][name], atol=1e-5, rtol=1e-4, msg=name)
