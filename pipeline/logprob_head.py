@@ -85,6 +85,13 @@ def _cast(head: Head) -> tuple[Tensor, Tensor | None]:
     return head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
 
 
+def head_logits(hidden: Tensor, head: Head) -> Tensor:
+    """fp32 logits ``[Q, V]`` of ``hidden [Q, H]``, no grad: the head as the chunks compute it."""
+    with torch.no_grad():
+        weight, bias = _cast(head)
+        return _logits(hidden.detach(), head, weight, bias)
+
+
 class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, head, chunk, with_others):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline.batching import OneSidedEncoding, PairEncoding, encode_pairs
 from pipeline.errors import UserError
-from pipeline.logprob_head import _cast, _logits, head_of, score_hidden, unwrap
+from pipeline.logprob_head import head_logits, head_of, score_hidden, unwrap
 from pipeline.logprobs import TokenScores
 from pipeline.packing import SHARING, PairLayout, one_row_layout, pair_layout
 
@@ -225,9 +225,7 @@ def _check_head(model, hidden: Tensor, model_logits: Tensor, head) -> None:
     if inner in _head_checked:
         return
     with torch.no_grad():
-        weight, bias = _cast(head)
-        ours = _logits(hidden[:, -1].detach(), head, weight, bias)
-        theirs = model_logits.detach().float()
+        ours, theirs = head_logits(hidden[:, -1], head), model_logits.detach().float()
         # Both heads run in fp32 on the same hidden states: a structural difference (a missing scale or cap)
         # is orders of magnitude above the rounding of two matmul kernels.
         tolerance = 1e-4 * max(1.0, float(theirs.abs().max()))

@@ -236,3 +236,13 @@ def test_lora_with_gradient_checkpointing_trains_through_the_packed_forward(tiny
         assert grads[sharing] and all("lora_" in n and g is not None for n, g in grads[sharing].items())
     for name, grad in grads["response"].items():
         torch.testing.assert_close(grad, grads["none"][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_head_that_is_not_the_plain_projection_is_refused(setup):
+    """A model that post-processes its logits in a way the chunked head does not know stops with one line."""
+    model, _, encodings = setup
+    model = copy.deepcopy(model)
+    plain = model.lm_head.forward
+    model.lm_head.forward = lambda hidden: 2.0 * plain(hidden)  # an unknown logit scale
+    with pytest.raises(UserError, match="not a linear head of the decoder's output"):
+        pair_forward(model, encodings[0], 0, torch.device("cpu"), settings=ForwardSettings("response"))
