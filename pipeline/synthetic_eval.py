@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 WINDOW = 4  # distractors lie in [answer - WINDOW, answer + WINDOW], never negative
 MIN_OPERAND = 2
 MIN_ANSWER = 3  # leaves 3 non-negative numbers below every answer: any rank is possible with 4 options
+MAX_CHOICES = MIN_ANSWER + 1
 GEN_STEPS = (1, 2)
 
 
@@ -41,9 +42,6 @@ def balanced(rng: random.Random, count: int, choices: int) -> list[int]:
     while len(positions) < count:
         positions.extend(rng.sample(range(choices), choices))
     return positions[:count]
-
-
-MAX_CHOICES = 4  # MIN_ANSWER numbers below the smallest answer
 
 
 def check_settings(count: int, choices: int, max_operand: int) -> None:
