@@ -3,7 +3,8 @@
 Drawn only when the sweep varies a method's beta or lambda_ (e.g. ``smaug_beta_lambda``:
 DPO beta in {0.1, 0.3, 1.0}, DPOP lambda in {5, 50, 500}). One row per (method,
 hyper-parameter) that varies, one column per metric available; one line per training
-bucket filter; points are means over seeds with one-std error bars.
+bucket filter; points are means over seeds with one-std error bars; a single-seed point of the eval
+average carries lm-eval's standard error instead (``leaderboard.average_stderr_by_job``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.collect import REFERENCE
+from analysis.leaderboard import average_stderr_by_job
 from analysis.plotting import colors, nonempty, plt, save, seed_stats
 
 NAME = "f7_beta_lambda"
@@ -45,6 +47,7 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     metrics = [m for m in METRICS if m in set(results["metric"])]
     if not panels or not metrics:
         return []
+    average_se = average_stderr_by_job(tables)
     fig, axes = plt.subplots(len(panels), len(metrics), figsize=(3.8 * len(metrics), 3.0 * len(panels)), squeeze=False)
     for row, (method, parameter) in enumerate(panels):
         subset = results[(results["method"] == method) & results[parameter].notna()]
@@ -57,7 +60,11 @@ def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
                 if points.empty:
                     continue
                 stats = seed_stats(points, [parameter]).sort_values(parameter)
-                ax.errorbar(stats[parameter], stats["mean"], yerr=stats["std"].where(stats["count"] > 1),
+                errors = stats["std"].where(stats["count"] > 1)
+                if metric == "eval/average":  # one seed: lm-eval's standard error of that job's average
+                    single = points.groupby(parameter)["job"].agg(lambda jobs: average_se.get(jobs.iloc[0]) if len(jobs) == 1 else None)
+                    errors = errors.fillna(stats[parameter].map(single))
+                ax.errorbar(stats[parameter], stats["mean"], yerr=errors,
                             marker="o", capsize=3, color=palette[line],
                             label=f"bucket filter {line}" if len(lines) > 1 else method)
             values = subset[parameter].dropna()

@@ -69,24 +69,38 @@ def stderr_of(metric: str, values: dict[str, float]) -> float | None:
     return None
 
 
+def job_stderrs(job: pd.DataFrame, headlines: dict[str, str]) -> dict[str, float]:
+    """column (task, "average") -> lm-eval's standard error of one job's score. The average's is
+    sqrt(sum se^2) / n over its tasks (tasks scored on disjoint items); absent where a task's is."""
+    values = dict(zip(job["metric"], job["value"]))
+    per_task = {task: stderr_of(metric, values) for task, metric in headlines.items() if metric in values}
+    out = {task: float(se) for task, se in per_task.items() if se is not None and np.isfinite(se)}
+    if per_task and len(out) == len(per_task):
+        out["average"] = float(np.sqrt(np.sum(np.square(list(out.values())))) / len(out))
+    return out
+
+
+def average_stderr_by_job(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """job -> lm-eval's standard error of its ``eval/average`` (for the figures' single-seed error bars)."""
+    if not nonempty(tables, "results", "metric"):
+        return {}
+    headlines = headline_metrics(tables)
+    results = tables["results"].dropna(subset=["value"])
+    ses = {job: job_stderrs(group, headlines).get("average") for job, group in results.groupby("job", sort=False)}
+    return {job: se for job, se in ses.items() if se is not None}
+
+
 def lm_eval_stderrs(tables: dict[str, pd.DataFrame], headlines: dict[str, str]) -> pd.DataFrame:
     """label, column, se: lm-eval's standard error of each single-job cell (several seeds show the seeds' std
-    instead). The average's is sqrt(sum se^2) / n over its tasks (tasks scored on disjoint items)."""
+    instead); see ``job_stderrs``."""
     results = tables["results"]
     rows = []
     for label, group in results.groupby("label", sort=False):
         scored = group[group["metric"].isin(headlines.values())].dropna(subset=["value"])["job"].unique()
         if len(scored) != 1:  # several seeds (or nothing scored)
             continue
-        job = group[group["job"] == scored[0]]
-        values = dict(zip(job["metric"], job["value"]))
-        per_task = {task: stderr_of(metric, values) for task, metric in headlines.items() if metric in values}
-        for task, se in per_task.items():
-            if se is not None and np.isfinite(se):
-                rows.append({"label": label, "column": task, "se": float(se)})
-        ses = list(per_task.values())
-        if ses and all(se is not None and np.isfinite(se) for se in ses):
-            rows.append({"label": label, "column": "average", "se": float(np.sqrt(np.sum(np.square(ses))) / len(ses))})
+        for column, se in job_stderrs(group[group["job"] == scored[0]], headlines).items():
+            rows.append({"label": label, "column": column, "se": se})
     return pd.DataFrame(rows, columns=["label", "column", "se"])
 
 

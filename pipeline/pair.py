@@ -48,7 +48,7 @@ from pipeline.hub_revision import resolve_revision
 
 STAGE = "pair"
 SOURCES = ("synthetic", "local", "hub")
-SYNTHETIC_KEYS = ("name", "source", "seed", "num_problems", "num_eval_items", "kind_mix")
+SYNTHETIC_KEYS = ("name", "source", "seed", "num_problems", "num_eval_items", "eval_choices", "eval_max_operand", "kind_mix")
 HUB_KEYS = ("hub_id", "subset", "split", "revision")
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DISTANCES = ("char_distance", "char_ned", "token_distance", "token_ned")
@@ -170,7 +170,8 @@ def open_records(data: DictConfig, revision: str | None = None) -> tuple[Adapted
     if data.source == "synthetic":
         from pipeline.synthetic import generate
         generated = generate(int(data.seed), int(data.num_problems), int(data.num_eval_items),
-                             OmegaConf.to_container(data.kind_mix, resolve=True))
+                             OmegaConf.to_container(data.kind_mix, resolve=True),
+                             eval_choices=int(data.eval_choices), eval_max_operand=int(data.eval_max_operand))
         pairs = [{**p, "messages": None, "row": i + 1} for i, p in enumerate(generated.pop("pairs"))]
         return GeneratedStream(pairs), generated
     limit = int(data.limit) if data.get("limit") else None

@@ -9,6 +9,7 @@ non-zero naming every failed job, so one failure neither hides nor stops the res
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import UserError
 from pipeline.orchestrate import RUN_RECORD
 
-SUMMARY_COLUMNS = ["job", "method", "overrides", "status", "train_loss", "reward_accuracy", "eval_average", "error"]
+SUMMARY_COLUMNS = ["job", "method", "overrides", "status", "train_loss", "reward_accuracy", "eval_average", "eval_average_se", "error"]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -30,16 +31,31 @@ def read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def average_stderr(scores: dict[str, Any]) -> float | None:
+    """lm-eval's standard error of ``scores.json``'s headline average: sqrt(sum se^2) / n over its tasks
+    (scored on disjoint items); None where a task has none (e.g. a hub task without stderr)."""
+    ses = []
+    for task, metric in scores.get("headline", {}).items():
+        values = scores.get("tasks", {}).get(task, {})
+        found = [v for name, v in values.items() if "_stderr" in name and name.replace("_stderr", "", 1) == metric]
+        if not found or not isinstance(found[0], (int, float)) or not math.isfinite(found[0]):
+            return None
+        ses.append(float(found[0]))
+    return math.sqrt(sum(se * se for se in ses)) / len(ses) if ses else None
+
+
 def job_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """Key metrics of one job, read from its artifacts (absent stages give None)."""
     artifacts = record.get("artifacts", {})
-    metrics: dict[str, Any] = {"train_loss": None, "reward_accuracy": None, "eval_average": None}
+    metrics: dict[str, Any] = {"train_loss": None, "reward_accuracy": None, "eval_average": None,
+                               "eval_average_se": None}
     if "train" in artifacts:
         summary = read_json(Path(artifacts["train"]["path"]) / "summary.json")
         metrics["train_loss"] = summary.get("train/loss", summary.get("final", {}).get("train/loss"))
     if "evaluate" in artifacts:
         eval_dir = Path(artifacts["evaluate"]["path"])
-        metrics["eval_average"] = read_json(eval_dir / "scores.json").get("average")
+        scores = read_json(eval_dir / "scores.json")
+        metrics["eval_average"], metrics["eval_average_se"] = scores.get("average"), average_stderr(scores)
         metrics["reward_accuracy"] = read_json(eval_dir / "preference.json").get("overall", {}).get("reward_accuracy")
     return metrics
 

@@ -15,8 +15,8 @@ Pair kinds (one kind per problem, drawn with ``kind_mix`` weights):
   (high edit distance).
 - ``mc_distractor``: the question with lettered options; chosen = the correct option's
   text, rejected = each distractor's text, one pair per distractor (Smaug's ARC recipe).
-Held-out evaluation problems come from the same generator but never share a question
-with a training problem.
+Held-out evaluation items (pipeline/synthetic_eval.py): one-step arithmetic multiple choice and
+one- or two-step word problems of this template, never sharing a question with a training problem.
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def solution(problem: Problem, results: list[int] | None = None) -> str:
     return "\n".join(lines + [f"#### {problem.answer}"])
 
 
-def make_problem(rng: random.Random) -> Problem:
+def make_problem(rng: random.Random, steps: tuple[int, int] = (2, 4)) -> Problem:
+    """A problem of ``steps`` (inclusive range) steps: 2-4 for training, 1-2 for the held-out gen items."""
     problem = Problem(name=rng.choice(NAMES), item=rng.choice(ITEMS), start=rng.randint(2, 12))
     value = problem.start
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(*steps)):
         choices = ["+"] * 3 + (["-"] * 3 if value > 3 else []) + (["*"] if value <= 10 else [])
         op = rng.choice(choices)
         if op == "+":
@@ -174,22 +175,18 @@ def unique_problems(rng: random.Random, count: int, exclude: set[str]) -> list[P
     return problems
 
 
-def generate(seed: int, num_problems: int, num_eval_items: int, kind_mix: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
-    """Training pairs and held-out evaluation items, all a pure function of the arguments."""
+def generate(seed: int, num_problems: int, num_eval_items: int, kind_mix: dict[str, float],
+             eval_choices: int = 4, eval_max_operand: int = 20) -> dict[str, list[dict[str, Any]]]:
+    """Training pairs and held-out evaluation items (pipeline/synthetic_eval.py, from their own random
+    stream), all a pure function of the arguments."""
+    from pipeline.synthetic_eval import eval_items
     rng = random.Random(f"synthetic_math:{seed}")
     kinds = [k for k in KINDS if float(kind_mix.get(k, 0)) > 0]
     weights = [float(kind_mix[k]) for k in kinds]
-    seen: set[str] = set()
-    train = unique_problems(rng, num_problems, seen)
-    held_out = unique_problems(rng, num_eval_items, seen)  # `seen` keeps them disjoint by question
+    train = unique_problems(rng, num_problems, set())
     pairs = []
     for problem in train:
         pairs.extend(pairs_for(problem, rng.choices(kinds, weights)[0], rng))
-    eval_mc, eval_gen = [], []
-    for number, problem in enumerate(held_out):
-        question, choices, answer = mc_item(problem, rng)
-        eval_mc.append({"id": f"mc-{number:05d}", "question": question, "choices": choices, "answer": answer})
-        eval_gen.append({"id": f"gen-{number:05d}", "question": problem.question(),
-                         "solution": solution(problem), "answer": str(problem.answer)})
-    return {"pairs": pairs, "eval_mc": eval_mc, "eval_gen": eval_gen,
-            "train_questions": [p.question() for p in train]}
+    questions = [p.question() for p in train]
+    held_out = eval_items(seed, num_eval_items, eval_choices, eval_max_operand, exclude=set(questions))
+    return {"pairs": pairs, **held_out, "train_questions": questions}

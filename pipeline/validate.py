@@ -279,6 +279,10 @@ def check_data_and_pairing(cfg: DictConfig) -> None:
         weights = [mix[k] for k in mix]
         if unknown or not all(is_number(w) and w >= 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"data.kind_mix={dict(mix)}: expected weights >= 0 (sum > 0) for corrupt_step, wrong_solution, mc_distractor")
+    counts = [select(cfg, f"data.{k}") for k in ("num_eval_items", "eval_choices", "eval_max_operand")]
+    if source == "synthetic" and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        from pipeline.synthetic_eval import check_settings
+        check_settings(*counts)
     one_of("pairing.unit", UNITS)(cfg)
     edges = select(cfg, "pairing.bucket_edges")
     if edges is not None:
@@ -300,6 +304,8 @@ CHECKS += [
     check_data_and_pairing,
     integer("data.num_problems", 1),
     integer("data.num_eval_items", 0),
+    integer("data.eval_choices", 2),
+    integer("data.eval_max_operand", 2),
     integer("data.seed", 0),
     non_negative("data.min_score_gap"),
     integer("data.limit", 1),  # null = all rows

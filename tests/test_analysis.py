@@ -229,6 +229,30 @@ def test_f7_and_mean_std_only_when_beta_varies(tmp_path):
     assert rows["reference"][-1] == f"0.3750 (se {AVERAGE_SE})"
 
 
+def error_bar_halves(container) -> list[float]:
+    """Half-lengths of an errorbar container's bars (NaN-free ones), from the drawn segments."""
+    return [abs(seg[1][1] - seg[0][1]) / 2 for seg in container.lines[2][0].get_segments()] if container.lines[2] else []
+
+
+def test_figures_show_lm_eval_stderr_for_single_jobs(tmp_path):
+    """F6's bars and F7's eval-average points of one job carry lm-eval's standard error (several seeds:
+    their std, tested above)."""
+    jobs = [{"method": "dpo", "beta": beta, "slope": -beta, "scores": {"arith_mc": beta, "arith_gen": beta}}
+            for beta in (0.1, 1.0)]
+    sweep_dir, _ = make_sweep(tmp_path, jobs)
+    tables = collect(sweep_dir)
+    from analysis.plotting import DRAWN
+    fig_beta_lambda.make(tables, tmp_path / "fig")
+    (eval_ax,) = [ax for ax in DRAWN["f7_beta_lambda"].axes if ax.get_title() == "eval average"]
+    (points,) = [c for c in eval_ax.containers if c.get_label() == "dpo"]
+    assert error_bar_halves(points) == pytest.approx([float(AVERAGE_SE)] * 2, abs=1e-4)
+    leaderboard.make(tables, tmp_path / "fig")
+    bars = [c for c in DRAWN["f6_leaderboard"].axes[0].containers if getattr(c, "errorbar", None) is not None]
+    assert len(bars) == 3  # reference, dpo (beta=0.1), dpo (beta=1)
+    for container in bars:  # arith_mc, arith_gen, average
+        assert error_bar_halves(container.errorbar) == pytest.approx([0.01, 0.02, float(AVERAGE_SE)], abs=1e-4)
+
+
 def test_leaderboard_states_every_method_setting(tmp_path):
     """Each row names the loss and all of the method's hyper-parameters from the run records, also those
     that every job shares (not only what the label shows); capability flags and unset values are left out."""

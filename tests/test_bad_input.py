@@ -132,6 +132,8 @@ NUMERIC_KEYS = {  # key -> (out of range, fractional where a whole number is exp
     "train.max_grad_norm": ("0", None),
     "pairing.test_fraction": ("1.5", None),
     "data.num_problems": ("0", "10.5"),
+    "data.eval_choices": ("5", "2.5"),
+    "data.eval_max_operand": ("1", "10.5"),
     "eval.limit": ("0", "2.5"),
 }
 CONFIG_CASES = []
@@ -148,6 +150,14 @@ def test_bad_numeric_setting(key, value, store, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and f"{key}=" in lines[0], err
     assert not (tmp_path / "run" / "run.json").exists() or json.loads((tmp_path / "run" / "run.json").read_text())[
         "artifacts"] == {}  # stopped before any stage
+    assert partial_dirs(store) == []
+
+
+def test_more_eval_items_than_distinct_questions(store, tmp_path, capsys):
+    code, err = run_cli(["data.num_eval_items=200", "data.eval_max_operand=10", "model=tiny", "logger=none",
+                         f"artifacts_dir={store}"], tmp_path / "run", capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "only 102 distinct questions with data.eval_max_operand=10" in lines[0], err
     assert partial_dirs(store) == []
 
 

@@ -43,6 +43,8 @@ DEFAULT = {
     'data.seed': {'pair'},
     'data.num_problems': {'pair'},
     'data.num_eval_items': {'pair'},
+    'data.eval_choices': {'pair'},
+    'data.eval_max_operand': {'pair'},
     'data.kind_mix.corrupt_step': {'pair'},
     'data.kind_mix.wrong_solution': {'pair'},
     'data.kind_mix.mc_distractor': {'pair'},

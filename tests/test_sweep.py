@@ -50,6 +50,7 @@ def test_two_job_multirun_runs_every_stage_and_writes_figures(workdir, first_swe
     # one pairing and one reference artifact shared by both methods
     assert summary.pair_key.nunique() == 1 and summary.reference_key.nunique() == 1
     assert summary.train_key.nunique() == 2
+    assert (summary.eval_average_se > 0).all()  # lm-eval's stderr of each job's average, beside it
     figures = list((sweep_dir / "report" / "figures").glob("*.png"))
     assert figures, "the sweep report has no figures"
     assert (sweep_dir / "report" / "report.md").is_file()
@@ -134,3 +135,13 @@ def test_store_and_runs_copied_elsewhere_regenerate_the_same_report(workdir, fir
         assert analysis_main([str(copied_sweep), "--store", str(tmp_path / "nowhere")]) == 2
     finally:
         hidden.rename(workdir / "artifacts")
+
+
+def test_summary_average_stderr_by_hand():
+    from pipeline.sweep import average_stderr
+    scores = {"headline": {"mc": "acc", "gen": "exact_match_strict-match"},
+              "tasks": {"mc": {"acc": 0.5, "acc_stderr": 0.03, "acc_norm": 0.4, "acc_norm_stderr": 0.9},
+                        "gen": {"exact_match_strict-match": 0.2, "exact_match_stderr_strict-match": 0.04}}}
+    assert average_stderr(scores) == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
+    del scores["tasks"]["gen"]["exact_match_stderr_strict-match"]
+    assert average_stderr(scores) is None and average_stderr({}) is None

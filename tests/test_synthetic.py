@@ -7,10 +7,12 @@ import re
 import pytest
 
 from pipeline.distance import pairwise_distances
+from pipeline.errors import UserError
 from pipeline.synthetic import generate
 
 MIX = {"corrupt_step": 0.45, "wrong_solution": 0.3, "mc_distractor": 0.25}
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+MC_QUESTION = re.compile(r"What is (\d+) ([-+]) (\d+)\?")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -87,8 +89,46 @@ def test_eval_items_are_well_formed_and_disjoint_from_training_problems(data):
     for mc, gen in zip(data["eval_mc"], data["eval_gen"]):
         assert set(mc) == {"id", "question", "choices", "answer"} and set(gen) == {"id", "question", "solution", "answer"}
         assert mc["question"] not in train_questions and gen["question"] not in train_questions
-        assert len(mc["choices"]) == 4 and len(set(mc["choices"])) == 4
-        assert mc["choices"][mc["answer"]] == gen["answer"] == final_answer(gen["solution"])
+        assert gen["answer"] == final_answer(gen["solution"])
+        assert 1 <= len(gen["solution"].splitlines()) - 1 <= 2  # one- or two-step word problems
+        for line in gen["solution"].splitlines()[:-1]:
+            a, op, b, c = EQUATION.search(line).groups()
+            assert OPS[op](int(a), int(b)) == int(c), line
     training_texts = "\n".join(p["raw_prompt"] for p in data["pairs"])
     assert not any(gen["question"] in training_texts for gen in data["eval_gen"])
-    assert len({m["id"] for m in data["eval_mc"]}) == 100
+    assert len({m["id"] for m in data["eval_mc"]}) == len({g["question"] for g in data["eval_gen"]}) == 100
+    assert len({m["question"] for m in data["eval_mc"]}) == 100
+
+
+@pytest.mark.parametrize("choices", [2, 3, 4])
+def test_mc_items_have_one_correct_choice_distinct_near_distractors_and_balanced_gold(choices):
+    items = generate(0, 10, 300, MIX, eval_choices=choices)["eval_mc"]
+    for item in items:
+        a, op, b = MC_QUESTION.fullmatch(item["question"]).groups()
+        truth = OPS[op](int(a), int(b))
+        values = [int(c) for c in item["choices"]]
+        assert len(values) == choices and len(set(values)) == choices  # distractors distinct
+        assert [i for i, v in enumerate(values) if v == truth] == [item["answer"]]  # exactly one correct
+        assert all(0 <= v and abs(v - truth) <= 4 for v in values)  # near the answer, never negative
+    # A model that always picks one position, or the smallest / largest / middle number, scores chance:
+    # every block of `choices` items puts the answer once at each position and once at each rank.
+    gold = [item["answer"] for item in items]
+    ranks = [sorted(map(int, i["choices"])).index(int(i["choices"][i["answer"]])) for i in items]
+    for values in (gold, ranks):
+        for start in range(0, len(values) - choices + 1, choices):
+            assert sorted(values[start:start + choices]) == list(range(choices))
+    assert len(set(gold[:24])) == choices and gold[:choices] * (24 // choices) != gold[:24]  # seeded, not cyclic
+
+
+def test_eval_items_do_not_change_the_training_pairs():
+    base = generate(0, 60, 20, MIX)
+    other = generate(0, 60, 300, MIX, eval_choices=2, eval_max_operand=50)
+    assert other["pairs"] == base["pairs"] and other["eval_mc"] != base["eval_mc"][:20]
+    assert generate(0, 60, 20, MIX) == base  # deterministic
+
+
+def test_eval_settings_the_generator_cannot_meet_fail_in_one_line():
+    with pytest.raises(UserError, match=r"^data\.eval_choices=5: expected 2 to 4 options$"):
+        generate(0, 10, 10, MIX, eval_choices=5)
+    with pytest.raises(UserError, match=r"^data\.num_eval_items=200: only 102 distinct questions with data\.eval_max_operand=10"):
+        generate(0, 10, 200, MIX, eval_max_operand=10)
