@@ -253,6 +253,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     suite = eval_cfg.get("suite")
     if suite not in ("local", "hub", "none"):
         raise UserError(f"eval.suite={suite!r}: expected one of ['local', 'hub', 'none']")
+    check_backend(cfg)
     for key in ("batch_size",):
         value = eval_cfg.get(key)
         if not (isinstance(value, int) and value > 0):
@@ -279,6 +280,26 @@ def check_eval_config(cfg: DictConfig) -> None:
                                 f"eval.fewshot_pool={eval_cfg.fewshot_pool}")
     if suite == "local" and not (isinstance(eval_cfg.get("max_gen_toks"), int) and eval_cfg.max_gen_toks > 0):
         raise UserError(f"eval.max_gen_toks={eval_cfg.get('max_gen_toks')!r}: expected an integer > 0")
+
+
+BACKENDS = ("hf", "vllm")
+
+
+def check_backend(cfg: DictConfig) -> None:
+    """eval.backend: hf, or vllm where the vllm package is installed and the run is a single process."""
+    backend = OmegaConf.select(cfg, "eval.backend", default="hf")
+    if backend not in BACKENDS:
+        raise UserError(f"eval.backend={backend!r}: expected one of {list(BACKENDS)}")
+    stages = OmegaConf.select(cfg, "stages", default=[]) or []
+    if backend != "vllm" or "evaluate" not in stages or OmegaConf.select(cfg, "eval.suite") == "none":
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("eval.backend=vllm: run it from ONE process (vLLM splits the model itself: "
+                        "eval.vllm.tensor_parallel_size / data_parallel_size), not under accelerate launch")
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("eval.backend=vllm: the vllm package is not installed (an optional extra for CUDA machines: "
+                        "pip install vllm); install it or use eval.backend=hf")
 
 
 def check_eval_hub_datasets(cfg: DictConfig) -> None:

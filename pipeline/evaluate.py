@@ -40,11 +40,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import eval_suite
-from pipeline.artifacts import Artifact, build
+from pipeline.artifacts import Artifact
+from pipeline.distributed import LmEvalCollectives, build_shared, process_state
 from pipeline.errors import UserError
 from pipeline.models import attention_setting
 from pipeline.precision import resolve_precision
@@ -53,6 +53,7 @@ from pipeline.scoring import forward_settings
 STAGE = "evaluate"
 LM_EVAL_STAGE = "lm_eval"  # the harness's part alone (see evaluate_model)
 SUITES = ("local", "hub", "none")
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # model.dtype -> vLLM's name
 
 
 # ---------------------------------------------------------------- settings
@@ -116,9 +117,14 @@ def load_tasks(settings: dict[str, Any], pair: Artifact, root: Path) -> tuple[An
     return manager, built, {}
 
 
-def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's simple_evaluate on an HFLM wrapping the already-loaded model."""
-    import datasets
+def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """lm-eval's simple_evaluate on an HFLM wrapping the already-loaded model.
+
+    Under several processes, lm-eval's own data-parallel path: each rank answers its share of the requests
+    and rank 0 receives every result (the other ranks get None). Its HFLM sets that path up only when it
+    loads the model itself; here the rank, the process count and the collectives come from the process
+    group the pipeline joined (``distributed.LmEvalCollectives``).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -126,6 +132,32 @@ def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str,
     # Passing a loaded model is intended (one loader for every stage); silence lm-eval's warning about it.
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=arguments["batch_size"])
+    collectives = LmEvalCollectives()
+    if collectives.state.num_processes > 1:
+        lm.accelerator = collectives
+        lm._rank, lm._world_size = collectives.state.process_index, collectives.state.num_processes
+    return _simple_evaluate(simple_evaluate, lm, manager, tasks, arguments)
+
+
+def run_lm_eval_vllm(location: str, manager, tasks: list[Any], settings: dict[str, Any], dtype: str) -> dict[str, Any] | None:
+    """``eval.backend=vllm``: lm-eval's vLLM backend on the saved weights (vLLM loads them itself).
+
+    Optional extra (``pip install vllm`` on a CUDA machine); validate.py refuses the setting in one line where
+    vLLM is not installed. vLLM's own parallelism comes from ``eval.vllm`` (tensor_parallel_size and
+    data_parallel_size), not from the pipeline's processes: run it from one process.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.vllm_causallms import VLLM
+
+    arguments = lm_eval_arguments(settings)
+    options = dict(settings.get("vllm") or {})
+    lm = VLLM(pretrained=location, dtype=VLLM_DTYPES[dtype], batch_size=arguments["batch_size"], **options)
+    return _simple_evaluate(simple_evaluate, lm, manager, tasks, arguments)
+
+
+def _simple_evaluate(simple_evaluate, lm, manager, tasks: list[Any], arguments: dict[str, Any]) -> dict[str, Any] | None:
+    import datasets
+
     datasets.disable_progress_bars()  # "Generating split" bars per task file; lm-eval's own bars stay
     try:
         results = simple_evaluate(
@@ -137,7 +169,10 @@ def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str,
         )
     finally:
         datasets.enable_progress_bars()
+    if results is None:  # not rank 0 of a data-parallel run
+        return None
     results["prefopt_settings"] = arguments
+    results["prefopt_processes"] = lm.world_size  # how many processes shared the requests (not a score setting)
     return results
 
 
@@ -224,7 +259,8 @@ def lm_eval_subset(cfg: DictConfig, label: str, suite_key: str | None) -> dict[s
     headline metrics (they only pick what enters the average), labels, pairs, buckets or train.max_length.
     """
     settings = eval_settings(cfg.eval)
-    return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]),
+    backend = {"backend": "vllm", "vllm": settings.get("vllm")} if settings.get("backend") == "vllm" else {}
+    return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]), **backend,
             "suite_key": suite_key, "model": label, "model_dtype": str(cfg.model.dtype), **attention_setting(cfg.model)}
 
 
@@ -269,19 +305,28 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
         manager, tasks, provenance = load_tasks(settings, pair, root)
         lm_subset = lm_eval_subset(cfg, label, (provenance.get("suite") or {}).get("key"))
 
-        def compute_lm_eval(workdir: Path) -> dict[str, Any]:
-            model = load_causal_lm(model_source, cfg.model).to("cuda" if torch.cuda.is_available() else "cpu")
-            tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
-            results = run_lm_eval(model, tokenizer, manager, tasks, settings)
+        def compute_lm_eval(workdir: Path) -> dict[str, Any] | None:
+            if settings.get("backend", "hf") == "vllm":
+                from pipeline.models import model_location
+                results = run_lm_eval_vllm(model_location(model_source), manager, tasks, settings, str(cfg.model.dtype))
+            else:  # every process of a launch answers its share of lm-eval's requests
+                model = load_causal_lm(model_source, cfg.model).to(process_state().device)
+                tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
+                results = run_lm_eval(model, tokenizer, manager, tasks, settings)
+            if results is None:  # not the main process: it writes nothing
+                return None
             write_lm_eval_outputs(results, workdir)
             if "task_files" in provenance:  # the task YAMLs lm-eval read, for the record
                 shutil.copytree(provenance["task_files"], workdir / eval_suite.TASK_DIR)
             (workdir / "lm_eval_scores.json").write_text(json.dumps(flat_scores(results), indent=2))
-            return {"model": label, **{k: v for k, v in provenance.items() if k != "task_files"}}
+            return {"model": label, "processes": results["prefopt_processes"],
+                    **{k: v for k, v in provenance.items() if k != "task_files"}}
 
-        lm_artifact = build(root, LM_EVAL_STAGE, lm_subset, {"weights": model_source}, compute_lm_eval)
+        lm_artifact = build_shared(root, LM_EVAL_STAGE, lm_subset, {"weights": model_source}, compute_lm_eval)
 
-    def compute(workdir: Path) -> dict[str, Any]:
+    def compute(workdir: Path) -> dict[str, Any] | None:
+        if not process_state().is_main_process:  # preference metrics take seconds: the main process alone
+            return None
         extra: dict[str, Any] = {"model": label}
         if baseline is not None:
             extra["baseline"] = {"key": baseline.key, "path": str(baseline.path)}
@@ -291,8 +336,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
             scores = json.loads((lm_artifact.path / "lm_eval_scores.json").read_text())
             shutil.copy(lm_artifact.path / "lm_eval_results.json", workdir / "lm_eval_results.json")
             shutil.copytree(lm_artifact.path / "samples", workdir / "samples")
-        model = None if label == "base" else load_causal_lm(model_source, cfg.model).to(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        model = None if label == "base" else load_causal_lm(model_source, cfg.model).to(process_state().device)
         tokenizer = load_tokenizer(model_source, bool(cfg.model.trust_remote_code))
         preference = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
         document = scores_document(scores, settings, label)
@@ -301,7 +345,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
         extra["average"] = document["average"]
         return extra
 
-    return build(root, STAGE, subset, upstream, compute)
+    return build_shared(root, STAGE, subset, upstream, compute)
 
 
 # ---------------------------------------------------------------- stage
@@ -313,7 +357,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     artifact = baseline
     if "train" in upstream:
         artifact = evaluate_model(cfg, root, "trained", upstream["train"], dict(upstream), baseline=baseline)
-    if not artifact.cached:  # a cached rerun adds no duplicate W&B evaluation run
+    if not artifact.cached and process_state().is_main_process:  # a cached rerun adds no duplicate W&B run
         track(cfg, artifact, baseline)
     return artifact
 

@@ -9,7 +9,8 @@ key the run used, so analysis can find them without W&B.
 
 Under a distributed launch (``accelerate launch --multi_gpu``, torchrun) every process runs this;
 only the main one prints, writes ``run.json`` and runs the non-collective stages. The others run
-just the collective stages (training, with its upstream: cache hits or computed under the lock).
+just the collective stages (pipeline/distributed.py: reference scoring, training and lm-eval, each
+rank its share; their other upstream stages are cache hits or computed under the lock).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ OPTIONAL_UPSTREAM = {
     "analyse": ("model", "pair", "reference", "train", "evaluate"),
 }
 RUN_RECORD = "run.json"
-# Stages that every process of a distributed launch computes together (DDP); the rest run on the main one.
-COLLECTIVE_STAGES = ("train",)
+# Stages that every process of a distributed launch computes together; the rest run on the main one.
+COLLECTIVE_STAGES = ("reference", "train", "evaluate")
 # Where launchers put the global rank: torchrun / accelerate, then MPI flavours (as accelerate reads them).
 RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
 

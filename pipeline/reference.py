@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 
-from pipeline.artifacts import Artifact, build
+from pipeline.artifacts import Artifact
 from pipeline.batching import check_token_budget
 from pipeline import unpaired
+from pipeline.distributed import build_shared, gather, process_state, shard
 from pipeline.scoring import ForwardSettings, ScoredPairs, concat_scored, forward_settings, score_pairs
 
 STAGE = "reference"
@@ -56,10 +56,6 @@ def config_subset(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     from pipeline.models import load_causal_lm, load_tokenizer
 
@@ -71,23 +67,35 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         subset["scored_unpaired"] = unpaired.scored_text_hash(one_sided)
     inputs = {"model": upstream["model"]}
 
-    def compute(workdir: Path) -> dict[str, Any]:
+    def compute(workdir: Path) -> dict[str, Any] | None:
+        state = process_state()  # several processes (accelerate launch): each scores its shard of the rows
         tokenizer = load_tokenizer(inputs["model"], trust_remote_code=bool(cfg.model.trust_remote_code))
-        model = load_causal_lm(inputs["model"], cfg.model, dtype=subset["weights_dtype"]).to(device())
+        model = load_causal_lm(inputs["model"], cfg.model, dtype=subset["weights_dtype"]).to(state.device)
         settings = ForwardSettings(subset["prefix_sharing"], subset["logprob_chunk"], subset["precision"])
-        scored = score_pairs(model, tokenizer, pairs, subset["max_length"], subset["max_prompt_length"],
-                             settings=settings, desc="reference log-probs")
+
+        def score(frame: pd.DataFrame, desc: str) -> ScoredPairs:
+            rows = shard(len(frame), state.process_index, state.num_processes)
+            part = score_pairs(model, tokenizer, frame.iloc[rows.start:rows.stop], subset["max_length"],
+                               subset["max_prompt_length"], settings=settings, desc=desc,
+                               progress=state.is_main_process)
+            return concat_scored(gather(part))  # every rank's part in rank order: the single-process rows
+
+        scored = score(pairs, "reference log-probs")
+        lone = score(one_sided, "reference log-probs (one-sided rows)") if one_sided is not None else None
+        if not state.is_main_process:  # only the main process writes the artifact
+            return None
         scored.save(workdir / SCORES_FILE)
         extra = {}
-        if one_sided is not None:
-            lone = score_pairs(model, tokenizer, one_sided, subset["max_length"], subset["max_prompt_length"],
-                               settings=settings, desc="reference log-probs (one-sided rows)")
+        if lone is not None:
             lone.save(workdir / UNPAIRED_SCORES_FILE)
             extra = {"unpaired_rows": len(lone), "unpaired_tokens": int(sum(lone.lengths(s).sum() for s in ("chosen", "rejected")))}
         return {"pairs": len(scored), "sequences_scored": 2 * len(scored) + extra.get("unpaired_rows", 0),
+                "processes": state.num_processes,
                 "first_pair_artifact": pair.key, **token_stats(scored, tokenizer.eos_token_id), **extra}
 
-    return build(root, STAGE, subset, inputs, compute)
+    # The rows are scored one pair at a time wherever they land, so the artifact (and its key) is the same
+    # for any process count.
+    return build_shared(root, STAGE, subset, inputs, compute)
 
 
 def scored_text_hash(pairs: pd.DataFrame) -> str:

@@ -43,9 +43,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import Artifact, build, build_collective
+from pipeline.artifacts import Artifact
 from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
                                     truncate_jsonl)
+from pipeline.distributed import build_shared, process_state
 from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
 from pipeline.scoring import ForwardSettings
@@ -97,22 +98,16 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     missing = [name for name in UPSTREAM if name not in upstream]
     if missing:
         raise ValueError(f"train needs upstream artifacts {missing}")
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
     check_one_sided(cfg, upstream["pair"])  # before any model loads
-    state = PartialState(cpu=use_cpu())  # joins the process group under `accelerate launch` / torchrun
+    state = process_state()  # joins the process group under `accelerate launch` / torchrun
     subset = config_subset(cfg)
+    if state.num_processes > 1:
+        # DDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
+        subset["processes"] = state.num_processes
     inputs = {name: upstream[name] for name in UPSTREAM}
-    compute = lambda workdir: train(cfg, upstream, Path(workdir))  # noqa: E731
-    if state.num_processes == 1:
-        return build(root, STAGE, subset, inputs, compute, resumable=True)
-    # DDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
-    subset["processes"] = state.num_processes
     # Every rank trains; only the main one holds the lock and writes the artifact.
-    return build_collective(root, STAGE, subset, inputs, compute, resumable=True,
-                            is_main=state.is_main_process,
-                            share=lambda value: broadcast_object_list([value], from_process=0)[0])
+    return build_shared(root, STAGE, subset, inputs, lambda workdir: train(cfg, upstream, Path(workdir)),
+                        resumable=True)
 
 
 def use_cpu() -> bool:

@@ -1,8 +1,11 @@
-"""Real two-process DDP training (gloo on CPU) through `accelerate launch ... -m pipeline`.
+"""Real two-process runs (gloo on CPU) through `accelerate launch ... -m pipeline`.
 
-Every rank trains, only the main one takes the artifact lock and writes: the run must finish (not
-deadlock on the lock), print each stage once, be found cached by the next launch, and resume from a
-checkpoint on every rank to the same weights as an uninterrupted run.
+Training (DDP): every rank trains, only the main one takes the artifact lock and writes: the run must
+finish (not deadlock on the lock), print each stage once, be found cached by the next launch, and resume
+from a checkpoint on every rank to the same weights as an uninterrupted run.
+
+Reference scoring and lm-eval shard their work over the ranks: the two-process artifacts must equal a
+single-process run's (the reference bit for bit, under the same key; lm-eval's scores and every item).
 
 `--multi_gpu` is what starts several processes: `accelerate launch --cpu --num_processes 2` starts ONE
 (accelerate 1.15's simple launcher). On a CPU-only machine `--multi_gpu` runs torchrun with gloo.
@@ -40,14 +43,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(root: Path, run_dir: Path, **env: str) -> subprocess.CompletedProcess:
+def launch(root: Path, run_dir: Path, overrides=OVERRIDES, processes: int = PROCESSES, **env: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with ``processes`` ranks, or with 1 the plain ``python -m pipeline``."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "pipeline", *OVERRIDES, f"artifacts_dir={root}", f"hydra.run.dir={run_dir}"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    launcher = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    command = [*(launcher if processes > 1 else [sys.executable]), "-m", "pipeline", *overrides,
+               f"artifacts_dir={root}", f"hydra.run.dir={run_dir}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}  # one thread: the same kernels in every run
     environment.pop("RANK", None), environment.pop("WORLD_SIZE", None)
-    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
 
 
 def stage_lines(result: subprocess.CompletedProcess, stage: str) -> list[str]:
@@ -109,3 +114,58 @@ def test_ddp_training_finishes_is_cached_and_resumes(tmp_path):
     assert timing_free(read_jsonl(finished / "metrics.jsonl")) == timing_free(metrics)
     before, after = weights(trained / "model"), weights(finished / "model")
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+SHARDED = ("stages=[pair,reference,evaluate]", "model=tiny", "train=smoke", "logger=none", "data.num_problems=15",
+           "data.num_eval_items=21", "pairing.test_fraction=0.2", "train.max_length=96", "train.max_prompt_length=48",
+           "eval.limit=null", "eval.max_gen_toks=16")  # 13 test items a task: uneven over 2 ranks
+
+
+def only_artifact(root: Path, stage: str) -> Path:
+    finished = [path for path in (root / stage).iterdir() if (path / "manifest.json").is_file()]
+    assert len(finished) == 1, finished
+    return finished[0]
+
+
+def per_item(directory: Path) -> dict[str, list]:
+    """Every logged item of every task: (doc_id, its metrics), in doc order."""
+    items = {}
+    for file in sorted((directory / "samples").glob("*.jsonl")):
+        rows = read_jsonl(file)
+        metrics = sorted({key for row in rows for key in row if key in ("acc", "acc_norm", "exact_match")})
+        items[file.stem] = sorted((row["doc_id"], [row.get(key) for key in metrics], row.get("resps")) for row in rows)
+    return items
+
+
+def test_reference_and_lm_eval_shard_over_ranks_and_equal_one_process(tmp_path):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    alone = launch(single, tmp_path / "run1", overrides=SHARDED, processes=1)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    both = launch(sharded, tmp_path / "run2", overrides=SHARDED)
+    assert both.returncode == 0, both.stdout[-3000:] + both.stderr[-3000:]
+    for stage in ("pair", "reference", "evaluate"):  # the main process alone prints
+        assert len(stage_lines(both, stage)) == 1, (stage, both.stdout)
+
+    # Reference: the same key, the same bytes; the manifest says two processes scored it.
+    one, two = only_artifact(single, "reference"), only_artifact(sharded, "reference")
+    assert one.name == two.name
+    assert json.loads((one / "manifest.json").read_text())["processes"] == 1
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["processes"] == PROCESSES and manifest["sequences_scored"] == 2 * manifest["pairs"]
+    first, second = load_file(str(one / "reference.safetensors")), load_file(str(two / "reference.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    assert (one / "reference.safetensors").read_bytes() == (two / "reference.safetensors").read_bytes()
+
+    # lm-eval: its requests split over the two ranks, every item answered as in one process.
+    one, two = only_artifact(single, "lm_eval"), only_artifact(sharded, "lm_eval")
+    assert json.loads((one / "manifest.json").read_text())["processes"] == 1
+    assert json.loads((two / "manifest.json").read_text())["processes"] == PROCESSES
+    scores_one = json.loads((one / "lm_eval_scores.json").read_text())
+    scores_two = json.loads((two / "lm_eval_scores.json").read_text())
+    assert scores_one.keys() == scores_two.keys() == {"local_mc", "local_gen"}
+    for task in scores_one:
+        for metric, value in scores_one[task].items():
+            assert scores_two[task][metric] == pytest.approx(value, abs=1e-12), (task, metric)
+    items_one, items_two = per_item(one), per_item(two)
+    assert {task: len(rows) for task, rows in items_one.items()} == {"local_mc": 13, "local_gen": 13}
+    assert items_one == items_two
