@@ -8,7 +8,8 @@ only the main one may write. What the processes share:
 - training: every rank trains on its share of each step's pairs (DDP); the process count is in the key;
 - reference scoring: rank r scores a contiguous ``shard`` of the rows; ``gather`` brings every rank's part
   to every rank in rank order, so the main one writes exactly the single-process artifact (same key);
-- lm-eval: its own data-parallel path (requests split over ranks, results gathered to rank 0).
+- lm-eval: its own data-parallel path (requests split over ranks, results gathered to rank 0;
+  pipeline/lm_eval_parallel.py makes the prompts independent of the process count).
 
 The process group is accelerate's ``PartialState``: created once per process (by the first stage that asks)
 and kept for the rest of the run.
@@ -58,27 +59,3 @@ def gather(value: Any) -> list[Any]:
         return [value]
     from accelerate.utils import gather_object
     return gather_object([value])
-
-
-class LmEvalCollectives:
-    """What lm-eval's HFLM needs of ``self.accelerator`` for its data-parallel path (gather a tensor, wait for
-    every rank, unwrap the model), on the process group the pipeline already joined. lm-eval builds its own
-    ``Accelerator`` only when it loads the model itself; ours is loaded once by the pipeline's loader."""
-
-    def __init__(self):
-        self.state = process_state()
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        from accelerate.utils import gather as gather_tensors
-        return gather_tensors(tensor)
-
-    def wait_for_everyone(self) -> None:
-        self.state.wait_for_everyone()
-
-    @staticmethod
-    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    @property
-    def is_local_main_process(self) -> bool:
-        return self.state.is_local_main_process

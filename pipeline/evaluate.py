@@ -44,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import eval_suite
 from pipeline.artifacts import Artifact
-from pipeline.distributed import LmEvalCollectives, build_shared, process_state
+from pipeline.distributed import build_shared, process_state
+from pipeline.lm_eval_parallel import data_parallel, rank_independent_requests
 from pipeline.errors import UserError
 from pipeline.models import attention_setting
 from pipeline.precision import resolve_precision
@@ -121,9 +122,8 @@ def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str,
     """lm-eval's simple_evaluate on an HFLM wrapping the already-loaded model.
 
     Under several processes, lm-eval's own data-parallel path: each rank answers its share of the requests
-    and rank 0 receives every result (the other ranks get None). Its HFLM sets that path up only when it
-    loads the model itself; here the rank, the process count and the collectives come from the process
-    group the pipeline joined (``distributed.LmEvalCollectives``).
+    and rank 0 receives every result (the other ranks get None), with the single-process prompts
+    (pipeline/lm_eval_parallel.py).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -132,11 +132,9 @@ def run_lm_eval(model, tokenizer, manager, tasks: list[Any], settings: dict[str,
     # Passing a loaded model is intended (one loader for every stage); silence lm-eval's warning about it.
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=arguments["batch_size"])
-    collectives = LmEvalCollectives()
-    if collectives.state.num_processes > 1:
-        lm.accelerator = collectives
-        lm._rank, lm._world_size = collectives.state.process_index, collectives.state.num_processes
-    return _simple_evaluate(simple_evaluate, lm, manager, tasks, arguments)
+    data_parallel(lm)
+    with rank_independent_requests():
+        return _simple_evaluate(simple_evaluate, lm, manager, tasks, arguments)
 
 
 def run_lm_eval_vllm(location: str, manager, tasks: list[Any], settings: dict[str, Any], dtype: str) -> dict[str, Any] | None:

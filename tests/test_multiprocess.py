@@ -127,14 +127,21 @@ def only_artifact(root: Path, stage: str) -> Path:
     return finished[0]
 
 
-def per_item(directory: Path) -> dict[str, list]:
-    """Every logged item of every task: (doc_id, its metrics), in doc order."""
+def per_item(directory: Path) -> dict[tuple, tuple]:
+    """Every logged item of every task: (task, doc_id, filter) -> (prompt, its metrics, the model's responses)."""
     items = {}
     for file in sorted((directory / "samples").glob("*.jsonl")):
-        rows = read_jsonl(file)
-        metrics = sorted({key for row in rows for key in row if key in ("acc", "acc_norm", "exact_match")})
-        items[file.stem] = sorted((row["doc_id"], [row.get(key) for key in metrics], row.get("resps")) for row in rows)
+        for row in read_jsonl(file):
+            metrics = {key: row[key] for key in ("acc", "acc_norm", "exact_match") if key in row}
+            # each request's first response: lm-eval pads a rank that has fewer requests with copies of its last
+            # one, and the copy's answer is appended to that request's responses (its metrics read the first)
+            responses = [request[0] for request in row["resps"]]
+            items[(file.stem, row["doc_id"], row.get("filter"))] = (row["arguments"], metrics, responses)
     return items
+
+
+def flat(value) -> list:
+    return [item for part in value for item in flat(part)] if isinstance(value, (list, tuple)) else [value]
 
 
 def test_reference_and_lm_eval_shard_over_ranks_and_equal_one_process(tmp_path):
@@ -167,5 +174,13 @@ def test_reference_and_lm_eval_shard_over_ranks_and_equal_one_process(tmp_path):
         for metric, value in scores_one[task].items():
             assert scores_two[task][metric] == pytest.approx(value, abs=1e-12), (task, metric)
     items_one, items_two = per_item(one), per_item(two)
-    assert {task: len(rows) for task, rows in items_one.items()} == {"local_mc": 13, "local_gen": 13}
-    assert items_one == items_two
+    assert {task: len({doc for name, doc, _ in items_one if name == task}) for task in scores_one} == \
+        {"local_mc": 13, "local_gen": 13}
+    assert items_one.keys() == items_two.keys()
+    for item, (prompt, metrics, responses) in items_one.items():
+        prompt_two, metrics_two, responses_two = items_two[item]
+        assert prompt_two == prompt and metrics_two == metrics, item  # the same prompts (few-shot included)
+        # the same answers; log-likelihoods to float rounding (each rank batches its own share of requests)
+        values, values_two = flat(responses), flat(responses_two)
+        assert [v for v in values if not isinstance(v, float)] == [v for v in values_two if not isinstance(v, float)]
+        assert [v for v in values_two if isinstance(v, float)] == pytest.approx([v for v in values if isinstance(v, float)], abs=1e-4)
