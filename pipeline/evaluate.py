@@ -257,14 +257,21 @@ def lm_eval_subset(cfg: DictConfig, label: str, suite_key: str | None) -> dict[s
     headline metrics (they only pick what enters the average), labels, pairs, buckets or train.max_length.
     """
     settings = eval_settings(cfg.eval)
-    backend = {"backend": "vllm", "vllm": settings.get("vllm")} if settings.get("backend") == "vllm" else {}
-    return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]), **backend,
+    return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]),
+            **backend_settings(settings),
             "suite_key": suite_key, "model": label, "model_dtype": str(cfg.model.dtype), **attention_setting(cfg.model)}
+
+
+def backend_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The backend changes scores; vLLM's engine settings count only when vLLM runs."""
+    backend = settings.get("backend", "hf")
+    return {"backend": backend, **({"vllm": settings.get("vllm")} if backend == "vllm" else {})}
 
 
 def config_subset(cfg: DictConfig, label: str) -> dict[str, Any]:
     """No method, train or run-seed keys: the baseline is shared by every job of a sweep; ``eval.name`` is a label."""
-    settings = {k: v for k, v in eval_settings(cfg.eval).items() if k != "name"}
+    settings = {k: v for k, v in eval_settings(cfg.eval).items() if k not in ("name", "backend", "vllm")}
+    settings.update(backend_settings(eval_settings(cfg.eval)))
     # The trained model is evaluated loaded in model.dtype (bf16 on the GPU presets): that changes scores.
     return {"eval": settings, "model": label, "scoring": scoring_settings(cfg), "model_dtype": str(cfg.model.dtype),
             **attention_setting(cfg.model)}

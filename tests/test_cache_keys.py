@@ -117,6 +117,11 @@ DEFAULT = {
     'eval.apply_chat_template': {'evaluate', 'lm_eval'},
     'eval.fewshot_as_multiturn': {'evaluate'},
     'eval.fewshot_seed': {'evaluate', 'lm_eval'},
+    'eval.backend': {'evaluate', 'lm_eval'},
+    # vLLM's engine settings are keyed only when eval.backend=vllm (unused, and unkeyed, with hf)
+    'eval.vllm.tensor_parallel_size': set(),
+    'eval.vllm.data_parallel_size': set(),
+    'eval.vllm.gpu_memory_utilization': set(),
     'logger.name': set(),
     'logger.project': set(),
     'logger.entity': set(),
