@@ -335,15 +335,10 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
                    "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
                    "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
                    "final": last}
-        if fsdp:  # every weight gathered to the main rank, loaded into a plain copy of the model there
-            weights, _ = sharding.full_state(model, trainable_only=False)
-            if main:
-                from pipeline.models import load_causal_lm as load
-                final = load(upstream["model"], cfg.model, trainable=True)
-                final.load_state_dict(weights, strict=True)
-                save_final_model(final, tokenizer, workdir / MODEL_DIR)
-        elif main:
-            save_final_model(accelerator.unwrap_model(model), tokenizer, workdir / MODEL_DIR)
+        # Under FSDP every weight is gathered to the main rank (a collective) into a plain copy of the model there.
+        final = final_model(model, upstream["model"], cfg.model) if fsdp else accelerator.unwrap_model(model)
+        if main:
+            save_final_model(final, tokenizer, workdir / MODEL_DIR)
             (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
             remove_checkpoints(workdir)
@@ -373,6 +368,17 @@ def require_finite_weights(named, step: int) -> None:
     bad = [name for name, p in named if not bool(torch.isfinite(p).all())]
     if bad:
         raise TrainingDiverged(f"train: non-finite weights after step {step} ({bad[0]}, ...); no checkpoint written")
+
+
+def final_model(model, model_artifact: Artifact, model_cfg):
+    """An FSDP model's weights, gathered (every rank calls this), in an unsharded copy on the main rank (None elsewhere)."""
+    from pipeline.models import load_causal_lm
+    weights, _ = sharding.full_state(model, trainable_only=False)
+    if torch.distributed.get_rank() != 0:
+        return None
+    final = load_causal_lm(model_artifact, model_cfg, trainable=True)
+    final.load_state_dict(weights, strict=True)
+    return final
 
 
 def save_final_model(model, tokenizer, directory: Path) -> None:
