@@ -276,17 +276,18 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
                 with sync:
                     result = forward_micro_batch(model, encodings.of(rows), tokenizer.pad_token_id, rows, reference,
                                                  loss_fn, method_cfg, accelerator.device, quiet=quiet, settings=settings)
-                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
                     weight = len(rows) * accelerator.num_processes / step_pairs
                     loss = result.output.loss * weight
                     # FSDP's forward and backward are collectives: a rank with one pair fewer in a last partial
-                    # micro-batch runs one more forward (of its own first pair), whose loss counts zero times.
+                    # micro-batch runs one more forward (of its own first pair), whose loss counts zero times,
+                    # before anything else talks to the other ranks.
                     padding = -(-len(chunk) // accelerator.num_processes) - len(rows) if fsdp else 0
                     if padding:
                         extra = forward_micro_batch(model, encodings.of(rows[:1]) * padding, tokenizer.pad_token_id,
                                                     rows[:1] * padding, reference, loss_fn, method_cfg,
                                                     accelerator.device, settings=settings)
                         loss = loss + extra.output.loss * 0.0
+                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
                     accelerator.backward(loss)
                 collected.add(result, rows)
             grad_norm = sharding.clip_grad_norm(params, max_grad_norm) if fsdp else accelerator.clip_grad_norm_(params, max_grad_norm)

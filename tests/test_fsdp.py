@@ -100,8 +100,14 @@ def test_presets_compose_and_are_fsdp():
 
 # ----------------------------------------------------------------------------- two real ranks (slow)
 
-SHARDED = (*OVERRIDES, "train.lr=1e-2", "train.distributed=fsdp")  # a large lr: updates far above rounding
-SINGLE = (*OVERRIDES, "train.lr=1e-2", "train.batch_size=8")  # one process, the same global micro-batches
+# A large lr: updates far above rounding; a large adam_eps: AdamW's update of a gradient at rounding level
+# (a token seen once, its embedding row's gradient ~1e-9) is then ~lr * g / eps, not ~lr (Adam's m / sqrt(v)
+# is +-1 for ANY gradient far below eps=1e-8: a sign flip of rounding noise would move such a weight by lr),
+# so weight updates compare the gradients linearly. 31 training pairs in global micro-batches of 8: step 4 takes the
+# last 7, split 4 + 3 over the ranks, so the rank with 3 runs one padding forward (FSDP's collectives).
+COMMON = (*OVERRIDES, "train.lr=1e-2", "train.adam_eps=1e-3", "pairing.test_fraction=0.3")
+SHARDED = (*COMMON, "train.distributed=fsdp")
+SINGLE = (*COMMON, "train.batch_size=8")  # one process, the same global micro-batches
 
 
 def initial_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -122,7 +128,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_bit_identically(tmp_path):
     manifest = json.loads((trained / "manifest.json").read_text())
     assert manifest["config"]["distributed"] == {"mode": "fsdp"} and manifest["config"]["processes"] == 2  # in the key
     summary = json.loads((trained / "summary.json").read_text())
-    assert summary["distributed"] == "fsdp" and summary["global_batch"] == 8
+    assert summary["distributed"] == "fsdp" and summary["global_batch"] == 8 and summary["train_pairs"] == 31
     assert not (trained / "checkpoints").exists()
 
     # Losses and (pre-clipping) gradient norms of every step, then the updates of every weight.
