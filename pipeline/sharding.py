@@ -22,10 +22,13 @@ plugin without a word and trains unsharded. Applying accelerate's recipe ourselv
 and ``shard`` checks afterwards that every parameter IS sharded over the ranks.
 
 The chunked log-prob head (pipeline/logprob_head.py) reads ``lm_head.weight`` after the model's forward has
-returned. That works unchanged because the head sits in the tail unit, which FSDP2 keeps unsharded from
-its forward until its backward (``reshard_after_forward=False``): the head reads the all-gathered
-parameter that FSDP registered on the module, and the gradient it accumulates there is reduce-scattered
-with the tail unit's (tests/test_fsdp.py checks losses, gradients and updates against one process).
+returned, outside every FSDP hook. Its forward is fine (the head sits in accelerate's tail unit, which is
+not resharded after its forward, so the weight is the all-gathered parameter), but its backward is not: the
+backward of another pair of the micro-batch reshards the tail unit first, and the head's backward then read
+freed storage ("setStorage: ... out of bounds for storage of size 0"). ``logprob_head.score_sharded`` gathers
+the unit again in a gradient hook on the head's outputs; the weight's gradient then accumulates on the
+gathered parameter and is reduce-scattered with the unit's (tests/test_fsdp.py: losses, gradient norms and
+updates against one process).
 
 Checkpoints (``full_state``/``load_full_state``): full state dicts, gathered to rank 0 and written as the
 trainer's one safetensors file (no pickle, the same format as under DDP); on resume every rank reads the
