@@ -99,15 +99,18 @@ def from_skeleton(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: from_skeleton(item, tensors) for key, item in value["__dict__"].items()}
 
 
-def save_checkpoint(workdir: Path, *, step: int, position: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(workdir: Path, *, step: int, position: int, model: torch.nn.Module | None, optimizer: Any,
+                    scheduler: Any, extra: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """``weights``/``optimizer_state``: already gathered full state dicts (FSDP, pipeline/sharding.py) instead of
+    ``model``'s trainable parameters and ``optimizer.state_dict()``."""
     path = checkpoint_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "position": position,
-        "model": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
+        "model": trainable_state(model) if weights is None else weights,
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "extra": extra or {},
@@ -137,8 +140,18 @@ def load_checkpoint(workdir: Path) -> dict[str, Any] | None:
         return None
 
 
-def restore_checkpoint(state: dict[str, Any], *, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Put weights, optimiser, scheduler and RNGs back exactly as they were when ``state`` was saved."""
+def restore_checkpoint(state: dict[str, Any], *, model: torch.nn.Module | None, optimizer: Any, scheduler: Any) -> None:
+    """Put weights, optimiser, scheduler and RNGs back exactly as they were when ``state`` was saved
+    (``model`` and ``optimizer`` None: the caller restored them, e.g. into FSDP shards)."""
+    if model is not None:
+        restore_weights(state, model)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+
+
+def restore_weights(state: dict[str, Any], model: torch.nn.Module) -> None:
     params = dict(model.named_parameters())
     missing = sorted(set(state["model"]) ^ {n for n, p in params.items() if p.requires_grad})
     if missing:
@@ -146,9 +159,6 @@ def restore_checkpoint(state: dict[str, Any], *, model: torch.nn.Module, optimiz
     with torch.no_grad():
         for name, value in state["model"].items():
             params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"])
 
 
 def remove_checkpoints(workdir: Path) -> None:

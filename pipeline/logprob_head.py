@@ -165,3 +165,44 @@ def score_hidden(hidden: Tensor, labels: Tensor, head: Head, chunk: int | None =
         return empty + zero, empty, (empty + zero) if with_others else None
     logp, observed, others = _ChunkedHead.apply(hidden, head.weight, head.bias, labels, head, chunk, with_others)
     return logp, observed, others
+
+
+def is_sharded(model) -> bool:
+    """The model is sharded by FSDP2 (pipeline/sharding.py)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule) or isinstance(unwrap(model), FSDPModule)
+
+
+def owning_unit(model):
+    """The FSDP2 unit that holds the output head's weight (accelerate's tail unit: final norm + head)."""
+    from torch.distributed.fsdp import FSDPModule
+    head = unwrap(model).get_output_embeddings()
+    if isinstance(head, FSDPModule):
+        return head
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)
+             and any(p is head.weight for p in m.parameters(recurse=False))]
+    return units[0] if units else unwrap(model)
+
+
+def score_sharded(model, hidden: Tensor, labels: Tensor, chunk: int | None = None,
+                  with_others: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``score_hidden`` for an FSDP2 model: the head's unit is all-gathered again before the chunked head's backward.
+
+    After the model's forward the head's weight is the tail unit's all-gathered parameter (that unit is not
+    resharded after its forward), so the forward reads it as it is. Its backward is outside every FSDP hook,
+    though: by then the backward of another pair of the micro-batch may have resharded the unit (its storage
+    freed), and nothing would gather it again. A gradient hook on the head's outputs calls the unit's
+    ``unshard()`` (a no-op when it is still gathered) just before that backward; the weight's gradient then
+    accumulates on the gathered parameter and is reduce-scattered with the unit's own, after the final norm's
+    backward. The numbers are ``score_hidden``'s."""
+    unit = owning_unit(model)
+    outputs = score_hidden(hidden, labels, head_of(model), chunk, with_others)
+
+    def gather(grad: Tensor) -> Tensor:
+        unit.unshard()
+        return grad
+
+    for output in (outputs[0], outputs[2]):
+        if output is not None and output.requires_grad:
+            output.register_hook(gather)  # on both: a loss may read only one (unshard is a no-op the second time)
+    return outputs

@@ -52,7 +52,9 @@ class ProbeRecorder:
         self.max_length, self.max_prompt_length = int(cfg.train.max_length), int(cfg.train.max_prompt_length)
         self.settings = forward_settings(cfg)
 
-    def record(self, model, step: int) -> None:
+    def record(self, model, step: int, write: bool = True) -> None:
+        """Score the probe pairs at ``step`` and log them; ``write=False`` scores only (the other ranks of an
+        FSDP run, whose forward is collective: every rank must run it)."""
         if self.reference is None:
             return
         from pipeline.preference_metrics import pair_table
@@ -64,6 +66,8 @@ class ProbeRecorder:
             scored = score_pairs(model, self.tokenizer, self.pairs, self.max_length, self.max_prompt_length,
                                  settings=self.settings, progress=False)
         model.train(was_training)
+        if not write:
+            return
         table = pair_table(scored, self.reference, self.pairs)
         rows = [{"step": step, **{field: json_value(record[column]) for field, column in TRAJECTORY_COLUMNS.items()}}
                 for record in table.to_dict("records")]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline.batching import OneSidedEncoding, PairEncoding, encode_pairs
 from pipeline.errors import UserError
-from pipeline.logprob_head import head_logits, head_of, score_hidden, unwrap
+from pipeline.logprob_head import head_logits, head_of, is_sharded, score_hidden, score_sharded, unwrap
 from pipeline.logprobs import TokenScores
 from pipeline.packing import SHARING, PairLayout, one_row_layout, pair_layout
 
@@ -244,7 +244,10 @@ def layout_forward(model, layout: PairLayout, settings: ForwardSettings, device:
     _check_head(model, hidden, model_logits, head)
     flat = hidden.reshape(-1, hidden.shape[-1])
     positions, labels = layout.query_positions.to(device), layout.query_labels.to(device)
-    logps, observed, others = score_hidden(flat[positions], labels, head, settings.chunk, with_others)
+    if is_sharded(model):  # FSDP2: the head's unit is gathered again before its backward (logprob_head.score_sharded)
+        logps, observed, others = score_sharded(model, flat[positions], labels, settings.chunk, with_others)
+    else:
+        logps, observed, others = score_hidden(flat[positions], labels, head, settings.chunk, with_others)
     cells = layout.cell_query.to(device)
     present = cells >= 0
     index = cells.clamp_min(0)

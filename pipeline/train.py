@@ -47,6 +47,7 @@ from pipeline.artifacts import Artifact
 from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
                                     truncate_jsonl)
 from pipeline.distributed import build_shared, process_state
+from pipeline import sharding
 from pipeline.errors import UserError
 from pipeline.precision import resolve_precision
 from pipeline.scoring import ForwardSettings
@@ -79,6 +80,8 @@ def bucket_filter(cfg: DictConfig) -> list[str] | None:
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
     from pipeline.models import attention_setting, lora_enabled, policy_dtype
     train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL_KEYS}
+    # How the ranks hold the model: in the key only under FSDP (run() adds it), so DDP keys stay as they were.
+    train.pop("distributed", None), train.pop("accelerate_config", None)
     train["precision"] = resolve_precision(train["precision"])  # what ran, not "auto"
     if train.get("max_steps") is not None:
         train.pop("epochs", None)  # unused when the step count is set
@@ -101,8 +104,13 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     check_one_sided(cfg, upstream["pair"])  # before any model loads
     state = process_state()  # joins the process group under `accelerate launch` / torchrun
     subset = config_subset(cfg)
+    if sharding.is_fsdp(cfg):
+        sharding.check_processes(state.num_processes)  # before any model loads
+        # The passed-through settings (the file's content, not its path): CPU offload moves the optimiser step.
+        path = OmegaConf.select(cfg, "train.accelerate_config", default=None)
+        subset["distributed"] = {"mode": "fsdp", **(sharding.accelerate_settings(path) if path is not None else {})}
     if state.num_processes > 1:
-        # DDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
+        # DDP and FSDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
         subset["processes"] = state.num_processes
     inputs = {name: upstream[name] for name in UPSTREAM}
     # Every rank trains; only the main one holds the lock and writes the artifact.
@@ -188,22 +196,36 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     precision = resolve_precision(train_cfg.precision)
     settings = ForwardSettings.from_config(train_cfg, precision)  # the reference stage's layout and head
     accelerator = Accelerator(cpu=use_cpu(), mixed_precision="bf16" if precision == "bf16" else "no")
+    fsdp = sharding.is_fsdp(cfg)
+    if fsdp:
+        sharding.check_processes(accelerator.num_processes)
     model = load_causal_lm(upstream["model"], cfg.model, trainable=True)  # fp32 master weights (models.policy_dtype)
     if bool(train_cfg.disable_dropout):
         disable_dropout(model)
+    if fsdp:  # sharded by us, not by accelerate.prepare (pipeline/sharding.py says why); before the optimiser
+        model = sharding.shard(model, sharding.build_plugin(cfg, model), accelerator.device, accelerator.is_main_process)
+        sharding.autocast_forward(model, accelerator.device, precision)
     stream = MicroBatchStream(train_rows, int(train_cfg.batch_size), seed,
                               accelerator.num_processes, accelerator.process_index)
     accumulation = int(train_cfg.grad_accumulation)
     steps = total_steps(train_cfg.max_steps, float(train_cfg.epochs), stream.per_epoch, accumulation)
     optimizer, scheduler = build_optimizer(model, train_cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    plain = model if fsdp else accelerator.unwrap_model(model)  # what probes score (an FSDP model is used as it is)
+    # FSDP2 reduce-scatters in every backward (it has no no_sync); DDP skips all but the last micro-batch's.
+    quiet = contextlib.nullcontext if fsdp else (lambda: accelerator.no_sync(model))
 
     metrics_path, trajectories_path = workdir / METRICS_FILE, workdir / TRAJECTORIES_FILE
     main = accelerator.is_main_process  # under DDP only the main process writes into workdir
     state = load_checkpoint(workdir)  # every process restores the same state
     if state is not None:  # resume: everything after the checkpoint is recomputed
-        restore_checkpoint(state, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
+        if fsdp:  # the full state dicts of the file, each rank keeping its shard
+            sharding.load_full_state(model, optimizer, state["model"], state["optimizer"])
+            restore_checkpoint(state, model=None, optimizer=None, scheduler=scheduler)
+        else:
+            restore_checkpoint(state, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
         start, stream.position = int(state["step"]), int(state["position"])
         if main:
             truncate_jsonl(metrics_path, start)
@@ -216,7 +238,8 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
 
     # One W&B run per train artifact: a resumed training continues it (the id follows the artifact key).
     tracker = start_run(cfg, job_type=STAGE, run_id=f"train-{workdir.name.removesuffix('.partial')}") if main else None
-    probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main else None
+    # Under FSDP every rank scores the probes (the forward is collective); only the main one writes them.
+    probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main or fsdp else None
     checkpoint_every = int(train_cfg.checkpoint_every or 0)
     crash_after = int(os.environ[CRASH_HOOK_ENV]) if os.environ.get(CRASH_HOOK_ENV) else None
     max_grad_norm = float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm is not None else math.inf
@@ -235,8 +258,8 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
 
     started, tokens_seen, last = time.time(), 0, {}
     try:
-        if start == 0 and main:
-            probe.record(accelerator.unwrap_model(model), 0)
+        if start == 0 and probe is not None:
+            probe.record(plain, 0, write=main)
         bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method.name}", unit="step",
                    disable=not (main and bool(train_cfg.progress)), dynamic_ncols=True)
         for step in range(start, steps):
@@ -249,16 +272,25 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             step_pairs = sum(len(chunk) for chunk in chunks)
             for micro, chunk in enumerate(chunks):
                 rows = stream.share(chunk)
-                sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else quiet()
                 with sync:
                     result = forward_micro_batch(model, encodings.of(rows), tokenizer.pad_token_id, rows, reference,
-                                                 loss_fn, method_cfg, accelerator.device,
-                                                 quiet=lambda: accelerator.no_sync(model), settings=settings)
-                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
+                                                 loss_fn, method_cfg, accelerator.device, quiet=quiet, settings=settings)
                     weight = len(rows) * accelerator.num_processes / step_pairs
-                    accelerator.backward(result.output.loss * weight)
+                    loss = result.output.loss * weight
+                    # FSDP's forward and backward are collectives: a rank with one pair fewer in a last partial
+                    # micro-batch runs one more forward (of its own first pair), whose loss counts zero times,
+                    # before anything else talks to the other ranks.
+                    padding = -(-len(chunk) // accelerator.num_processes) - len(rows) if fsdp else 0
+                    if padding:
+                        extra = forward_micro_batch(model, encodings.of(rows[:1]) * padding, tokenizer.pad_token_id,
+                                                    rows[:1] * padding, reference, loss_fn, method_cfg,
+                                                    accelerator.device, settings=settings)
+                        loss = loss + extra.output.loss * 0.0
+                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
+                    accelerator.backward(loss)
                 collected.add(result, rows)
-            grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+            grad_norm = sharding.clip_grad_norm(params, max_grad_norm) if fsdp else accelerator.clip_grad_norm_(params, max_grad_norm)
             check_finite(accelerator, grad_norm, step + 1, workdir, checkpoint_every, what="gradient norm")
             optimizer.step()
             scheduler.step()
@@ -270,13 +302,20 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             if main:
                 append_jsonl(metrics_path, [last])
                 tracker.log({k: v for k, v in last.items() if k != "step"}, step=done)
-                if done % int(train_cfg.probe_every) == 0 or done == steps:
-                    probe.record(accelerator.unwrap_model(model), done)
+            if probe is not None and (done % int(train_cfg.probe_every) == 0 or done == steps):
+                probe.record(plain, done, write=main)
             if checkpoint_every and done % checkpoint_every == 0 and done < steps:
                 accelerator.wait_for_everyone()
-                if main:
-                    require_finite_weights(accelerator.unwrap_model(model), done)
-                    save_checkpoint(workdir, step=done, position=stream.position, model=accelerator.unwrap_model(model),
+                if fsdp:  # gathered full state dicts (a collective), written by the main rank alone
+                    weights, optimizer_state = sharding.full_state(model, optimizer)
+                    if main:
+                        require_finite_weights(weights.items(), done)
+                        save_checkpoint(workdir, step=done, position=stream.position, model=None, optimizer=None,
+                                        scheduler=scheduler, weights=weights, optimizer_state=optimizer_state)
+                elif main:
+                    unwrapped = accelerator.unwrap_model(model)
+                    require_finite_weights(((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad), done)
+                    save_checkpoint(workdir, step=done, position=stream.position, model=unwrapped,
                                     optimizer=optimizer, scheduler=scheduler)
             bar.update(1)
             bar.set_postfix(loss=f"{last['train/loss']:.4f}")
@@ -291,14 +330,16 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
                    "train_rows": {"pairs": len(train_rows) - one_sided - len(kept), "one_sided": one_sided,
                                   "dropped_pairs_kept_chosen": sum(side == "chosen" for side in kept.values()),
                                   "dropped_pairs_kept_rejected": sum(side == "rejected" for side in kept.values())},
-                   "processes": accelerator.num_processes, "global_batch": stream.global_batch * accumulation,
+                   "processes": accelerator.num_processes, "distributed": sharding.mode(cfg), "global_batch": stream.global_batch * accumulation,
                    "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
                    "positions_computed": tokens_seen * accelerator.num_processes,  # padding included (packing.py)
                    "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
                    "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
                    "final": last}
+        # Under FSDP every weight is gathered to the main rank (a collective) into a plain copy of the model there.
+        final = final_model(model, upstream["model"], cfg.model) if fsdp else accelerator.unwrap_model(model)
         if main:
-            save_final_model(accelerator.unwrap_model(model), tokenizer, workdir / MODEL_DIR)
+            save_final_model(final, tokenizer, workdir / MODEL_DIR)
             (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
             remove_checkpoints(workdir)
@@ -322,11 +363,23 @@ def check_finite(accelerator, value: torch.Tensor, step: int, workdir: Path, che
                                f"before its optimiser step; {kept}; lower train.lr or check the data")
 
 
-def require_finite_weights(model, step: int) -> None:
-    """Never write a checkpoint holding nan/inf weights (it would be resumed as "the last good one")."""
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+def require_finite_weights(named, step: int) -> None:
+    """Never write a checkpoint holding nan/inf weights (it would be resumed as "the last good one");
+    ``named``: (name, tensor) of the trainable weights."""
+    bad = [name for name, p in named if not bool(torch.isfinite(p).all())]
     if bad:
         raise TrainingDiverged(f"train: non-finite weights after step {step} ({bad[0]}, ...); no checkpoint written")
+
+
+def final_model(model, model_artifact: Artifact, model_cfg):
+    """An FSDP model's weights, gathered (every rank calls this), in an unsharded copy on the main rank (None elsewhere)."""
+    from pipeline.models import load_causal_lm
+    weights, _ = sharding.full_state(model, trainable_only=False)
+    if torch.distributed.get_rank() != 0:
+        return None
+    final = load_causal_lm(model_artifact, model_cfg, trainable=True)
+    final.load_state_dict(weights, strict=True)
+    return final
 
 
 def save_final_model(model, tokenizer, directory: Path) -> None:

@@ -253,7 +253,12 @@ def check_forward_layout(cfg: DictConfig) -> None:
                         f"train.prefix_sharing=none")
 
 
-CHECKS += [check_model, check_forward_layout]
+def check_distributed(cfg: DictConfig) -> None:
+    from pipeline.sharding import check_config  # lazy: pulls in torch
+    check_config(cfg)
+
+
+CHECKS += [check_model, check_forward_layout, check_distributed]
 
 
 # Data and pairing (conf/data/, conf/pairing/): choices and shapes, before any file is read.

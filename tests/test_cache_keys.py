@@ -100,6 +100,10 @@ DEFAULT = {
     'train.probe_pairs': {'train'},
     'train.checkpoint_every': set(),
     'train.progress': set(),
+    # Keyed by train.run() under fsdp only (mode, passed-through settings, process count; tests/test_fsdp.py
+    # reads them in the manifest), so DDP keys stay as they were: config_subset leaves them out.
+    'train.distributed': set(),
+    'train.accelerate_config': set(),
     'eval.name': set(),
     'eval.suite': {'evaluate', 'lm_eval'},
     'eval.tasks.local_mc.source': {'evaluate', 'eval_suite'},
