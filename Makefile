@@ -19,7 +19,7 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-crash pytest smoke sweep reproduce figures dashboard bench clean
+.PHONY: help install test test-slow test-crash test-dist pytest smoke sweep reproduce figures dashboard bench clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ test-slow: install ## Run the slow tests (SmolLM2, longer integration)
 
 test-crash: install ## SIGKILL pairing, reference scoring and training at several points; reruns must match (a few minutes)
 	$(PY) -m pytest -m "slow" -q tests/test_crash.py
+
+test-dist: install ## Several real processes on CPU (gloo): DDP, FSDP, reference and lm-eval sharded over ranks (a few minutes)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "slow" -q tests/test_multiprocess.py tests/test_fsdp.py
 
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
 	$(PY) -m pipeline sweep=$(SWEEP) $(ARGS)
