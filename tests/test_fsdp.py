@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.train import CRASH_HOOK_ENV
 from pipeline.validate import validate
 from tests.conftest import compose_config
-from tests.test_multiprocess import OVERRIDES, launch, only_train_artifact, read_jsonl, stage_lines, weights
+from tests.test_multiprocess import OVERRIDES, launch, only_artifact, only_train_artifact, read_jsonl, stage_lines, weights
 
 
 # ----------------------------------------------------------------------------- config (fast)
@@ -110,11 +109,6 @@ SHARDED = (*COMMON, "train.distributed=fsdp")
 SINGLE = (*COMMON, "train.batch_size=8")  # one process, the same global micro-batches
 
 
-def initial_weights(root: Path) -> dict[str, torch.Tensor]:
-    models = [path for path in (root / "model").iterdir() if (path / "manifest.json").is_file()]
-    return weights(models[0] / "model")
-
-
 @pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process_and_resume_bit_identically(tmp_path):
     single_root, root = tmp_path / "single", tmp_path / "fsdp"
@@ -137,7 +131,7 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_bit_identically(tmp_path):
     for mine, plain in zip(ours, theirs):
         for name in ("train/loss", "train/grad_norm"):
             assert mine[name] == pytest.approx(plain[name], rel=1e-5, abs=1e-6), (mine["step"], name)
-    start = initial_weights(root)
+    start = weights(only_artifact(root, "model") / "model")
     after, reference = weights(trained / "model"), weights(expected / "model")
     assert after.keys() == reference.keys() == start.keys()
     largest = max(float((reference[name] - start[name]).abs().max()) for name in start)

@@ -59,10 +59,14 @@ def stage_lines(result: subprocess.CompletedProcess, stage: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith(f"[{stage}] artifact ")]
 
 
-def only_train_artifact(root: Path) -> Path:
-    finished = [path for path in (root / "train").iterdir() if (path / "manifest.json").is_file()]
+def only_artifact(root: Path, stage: str) -> Path:
+    finished = [path for path in (root / stage).iterdir() if (path / "manifest.json").is_file()]
     assert len(finished) == 1, finished
     return finished[0]
+
+
+def only_train_artifact(root: Path) -> Path:
+    return only_artifact(root, "train")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -119,12 +123,6 @@ def test_ddp_training_finishes_is_cached_and_resumes(tmp_path):
 SHARDED = ("stages=[pair,reference,evaluate]", "model=tiny", "train=smoke", "logger=none", "data.num_problems=15",
            "data.num_eval_items=21", "pairing.test_fraction=0.2", "train.max_length=96", "train.max_prompt_length=48",
            "eval.limit=null", "eval.max_gen_toks=16")  # 13 test items a task: uneven over 2 ranks
-
-
-def only_artifact(root: Path, stage: str) -> Path:
-    finished = [path for path in (root / stage).iterdir() if (path / "manifest.json").is_file()]
-    assert len(finished) == 1, finished
-    return finished[0]
 
 
 def per_item(directory: Path) -> dict[tuple, tuple]:
