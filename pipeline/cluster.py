@@ -6,8 +6,8 @@ turns submitit's view of the job (SLURM's variables, or the local executor's) in
 anything reads the rank: the run then behaves exactly as under ``accelerate launch`` (pipeline/distributed.py,
 pipeline/orchestrate.py: rank 0 alone prints and writes, every rank trains).
 
-``job_devices`` shares the GPUs of one machine out to jobs that run at the same time (the local GPU launcher,
-pipeline/local_gpu_launcher.py).
+``job_devices`` shares the GPUs of one machine out to jobs that run at the same time (for a local GPU
+launcher; no preset uses it yet).
 """
 
 from __future__ import annotations
