@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from pipeline.cluster import join_job_tasks  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.orchestrate import Run  # noqa: E402
 
@@ -24,6 +25,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    join_job_tasks()  # a submitit job of several tasks: one distributed launch (before anything reads the rank)
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run = Run(cfg, Path(hydra_cfg.runtime.output_dir))

@@ -1,0 +1,72 @@
+"""Inside a submitit job (SLURM or submitit's local executor): the job's tasks become one distributed launch.
+
+With ``hydra.launcher.tasks_per_node=N`` every task of the job runs the whole Hydra job. ``join_job_tasks``
+turns submitit's view of the job (SLURM's variables, or the local executor's) into torch.distributed's
+``env://`` variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) with submitit's own helper, before
+anything reads the rank: the run then behaves exactly as under ``accelerate launch`` (pipeline/distributed.py,
+pipeline/orchestrate.py: rank 0 alone prints and writes, every rank trains).
+
+``job_devices`` shares the GPUs of one machine out to jobs that run at the same time (for a local GPU
+launcher; no preset uses it yet).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from pipeline.errors import UserError
+
+SUBMITIT_EXECUTOR_ENV = "SUBMITIT_EXECUTOR"  # set by submitit in every job it starts ("slurm", "local")
+
+
+def join_job_tasks() -> int:
+    """Export the job's task layout for torch.distributed; returns the number of tasks (1: nothing to do).
+
+    CUDA_VISIBLE_DEVICES is left as the job has it: accelerate puts rank r on visible device
+    ``LOCAL_RANK % device_count``, right both when every task sees all the job's GPUs and when SLURM binds
+    one GPU to each task (submitit's own export would instead pin the physical index ``LOCAL_RANK``).
+    """
+    if not os.environ.get(SUBMITIT_EXECUTOR_ENV):
+        return 1
+    import submitit
+
+    tasks = submitit.JobEnvironment().num_tasks
+    if tasks > 1:
+        # overwrite: variables inherited from the submitting shell (SLURM forwards its environment) are not this job's
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return tasks
+
+
+def visible_devices(environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES when set, else every GPU torch counts."""
+    environ = os.environ if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [device.strip() for device in listed.split(",") if device.strip()]
+    import torch
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def parallel_slots(gpus_per_job: int, devices: Sequence[str]) -> int:
+    """How many jobs can run at once with ``gpus_per_job`` GPUs each out of ``devices``."""
+    if gpus_per_job < 1:
+        raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: expected at least 1 GPU per job "
+                        "(use hydra/launcher=submitit_local_cpu for CPU jobs)")
+    if gpus_per_job > len(devices):
+        raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: only {len(devices)} GPU(s) visible "
+                        f"({','.join(devices) or 'none'}); expected at most {len(devices)} (or set hydra.launcher.devices)")
+    return len(devices) // gpus_per_job
+
+
+def job_devices(slot: int, parallel_jobs: int, gpus_per_job: int, devices: Sequence[str]) -> list[str]:
+    """The GPUs of job ``slot`` (0-based) out of ``parallel_jobs`` running at the same time: disjoint slices of
+    ``devices`` in order; a one-line error when the jobs need more GPUs than there are."""
+    slots = parallel_slots(gpus_per_job, devices)
+    if parallel_jobs > slots:
+        raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: {parallel_jobs} jobs at once need "
+                        f"{parallel_jobs * gpus_per_job} GPUs, {len(devices)} visible ({','.join(devices)}); "
+                        f"expected at most {slots} jobs at once")
+    if not 0 <= slot < parallel_jobs:
+        raise ValueError(f"job slot {slot} outside 0..{parallel_jobs - 1}")
+    return list(devices[slot * gpus_per_job:(slot + 1) * gpus_per_job])
