@@ -47,8 +47,8 @@ test-slow: install ## Run the slow tests (SmolLM2, longer integration)
 test-crash: install ## SIGKILL pairing, reference scoring and training at several points; reruns must match (a few minutes)
 	$(PY) -m pytest -m "slow" -q tests/test_crash.py
 
-test-dist: install ## Several real processes on CPU (gloo): DDP, FSDP, reference and lm-eval sharded over ranks (a few minutes)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "slow" -q tests/test_multiprocess.py tests/test_fsdp.py
+test-dist: install ## Several real processes on CPU (gloo): DDP, FSDP, reference and lm-eval sharded over ranks, submitit jobs of two tasks and requeue (a few minutes)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "slow" -q tests/test_multiprocess.py tests/test_fsdp.py tests/test_submitit_jobs.py
 
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
 	$(PY) -m pipeline sweep=$(SWEEP) $(ARGS)

@@ -8,7 +8,7 @@ starts the job's tasks, signals them before the time limit, restarts them when t
   is checkpointed and requeued by submitit, resumes from the last training checkpoint and ends with weights
   bit-identical to the uninterrupted run.
 
-Slow (a few launches of two processes each); `make test-slow` runs them.
+Slow (a few launches of two processes each); `make test-dist` runs them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
+from tests.test_multiprocess import only_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +101,6 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
-
-
-def only_artifact(store: Path, stage: str) -> Path:
-    (path,) = [p for p in (store / stage).iterdir() if (p / "manifest.json").is_file()]
-    return path
 
 
 def weights(artifact: Path) -> dict[str, torch.Tensor]:
