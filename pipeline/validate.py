@@ -109,8 +109,20 @@ def check_artifacts_dir(cfg: DictConfig) -> None:
         raise UserError(f"artifacts_dir={value}: {existing} is not writable")
 
 
+def check_group_like_keys(cfg: DictConfig) -> None:
+    """``+group/option=x`` naming a group conf/ does not have is added by Hydra as a plain key
+    ``group/option``, silently: the run would go on with the default instead of the choice."""
+    for key in cfg:
+        if "/" in str(key):
+            hint = (" (the method variants sweeps/variant/compare/ are read by named sweeps only: use sweep=<name>, "
+                    "or for one run method=<name> method.beta=0.3)" if str(key).startswith("variant/") else "")
+            raise UserError(f"+{key}={cfg[key]}: no config group '{key}' in conf/; expected an existing group "
+                            f"(python -m pipeline --help lists them){hint}")
+
+
 CHECKS: list[Callable[[DictConfig], None]] = [
     check_missing,
+    check_group_like_keys,
     check_path_names,
     check_artifacts_dir,
     integer("seed", 0),

@@ -123,3 +123,17 @@ def test_beta_lambda_sweep_matches_smaug_figure_3():
         points.append((job.method.loss, float(job.method.beta), float(job.method.get("lambda_", 0.0))))
     assert sorted(points) == sorted([("dpo", 0.1, 0.0), ("dpo", 0.3, 0.0), ("dpo", 1.0, 0.0),
                                      ("dpop", 0.3, 5.0), ("dpop", 0.3, 50.0), ("dpop", 0.3, 500.0)])
+
+
+def test_a_group_choice_conf_does_not_have_is_refused_not_silently_added():
+    """`+variant/compare=dpo` outside a named sweep: Hydra adds a plain key and the run would train DPOP."""
+    from pipeline.errors import UserError
+    from pipeline.validate import check_group_like_keys
+    cfg = compose_config("+variant/compare=dpo")
+    assert cfg.method.name == "dpop"  # what Hydra does on its own: the choice is lost
+    with pytest.raises(UserError, match=r"^\+variant/compare=dpo: no config group 'variant/compare' in conf/.*sweep=<name>") as error:
+        check_group_like_keys(cfg)
+    assert "\n" not in str(error.value)
+    for overrides in sweep_jobs("default"):  # inside a named sweep the same override is a real group choice
+        job = compose_sweep_job("default", overrides)
+        check_group_like_keys(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
