@@ -7,7 +7,7 @@ anything reads the rank: the run then behaves exactly as under ``accelerate laun
 pipeline/orchestrate.py: rank 0 alone prints and writes, every rank trains).
 
 ``job_devices`` shares the GPUs of one machine out to jobs that run at the same time (for a local GPU
-launcher; no preset uses it yet).
+launcher: hydra_plugins/prefopt_local_gpu_launcher.py, preset hydra/launcher=submitit_local_gpu).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def parallel_slots(gpus_per_job: int, devices: Sequence[str]) -> int:
                         "(use hydra/launcher=submitit_local_cpu for CPU jobs)")
     if gpus_per_job > len(devices):
         raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: only {len(devices)} GPU(s) visible "
-                        f"({','.join(devices) or 'none'}); expected at most {len(devices)} (or set hydra.launcher.devices)")
+                        f"({','.join(devices) or 'none'}); expected at most {len(devices)} (the GPUs CUDA_VISIBLE_DEVICES lists, or all)")
     return len(devices) // gpus_per_job
 
 

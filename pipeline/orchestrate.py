@@ -106,6 +106,7 @@ class Run:
             "forced": list(OmegaConf.select(cfg, "recompute", default=[]) or []),
             "artifacts": {},
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # which GPUs this job was given
         }
 
     def upstream_names(self, stage: str) -> list[str]:
