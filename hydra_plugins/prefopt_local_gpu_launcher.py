@@ -45,14 +45,14 @@ class LocalGpuLauncher(LocalLauncher):
         except UserError as error:  # before any job starts: one line, as the entry point prints user errors
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
-        free: queue.Queue[list[int]] = queue.Queue()
+        free: queue.Queue[list[str]] = queue.Queue()
         for devices in slices:
             free.put(devices)
 
         def run_one(index: int) -> JobReturn:
             devices = free.get()  # blocks until a running job ends and hands its GPUs back
             try:
-                launcher = copy.copy(self)  # the same job function and config, its own executor parameters
+                launcher = copy.copy(self)  # the same job function and config, its own GPUs
                 launcher.job_gpus = devices
                 return LocalLauncher.launch(launcher, [job_overrides[index]], initial_job_idx + index)[0]
             finally:
