@@ -3,8 +3,7 @@ launcher plugins only in the hydra_plugins namespace package, hence this folder)
 
 submitit's local executor gives every job the same GPUs (``range(gpus_per_node)``: all jobs on GPU 0 with
 one GPU each). This launcher runs the sweep's jobs through that executor, at most as many at once as the
-visible GPUs allow (``cluster.parallel_slots``), and gives each running job a disjoint slice
-(``cluster.job_devices``) as its CUDA_VISIBLE_DEVICES, set in the job's process before anything touches CUDA
+visible GPUs allow, and gives each running job a disjoint slice (``cluster.gpu_slices``) as its CUDA_VISIBLE_DEVICES, set in the job's process before anything touches CUDA
 (submitit's own ``visible_gpus`` cannot be reached through the AutoExecutor Hydra uses); a job that ends frees
 its slice for the next one. Preset: ``hydra/launcher=submitit_local_gpu`` (conf/hydra/launcher/submitit_local_gpu.yaml).
 """
@@ -21,14 +20,8 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 
-from pipeline.cluster import job_devices, parallel_slots, visible_devices
+from pipeline.cluster import gpu_slices, visible_devices
 from pipeline.errors import UserError
-
-
-def device_slices(gpus_per_job: int, devices: Sequence[str]) -> list[list[str]]:
-    """Every disjoint slice of ``devices`` a job can hold while the others hold theirs."""
-    slots = parallel_slots(gpus_per_job, devices)
-    return [job_devices(slot, slots, gpus_per_job, devices) for slot in range(slots)]
 
 
 class LocalGpuLauncher(LocalLauncher):
@@ -41,7 +34,7 @@ class LocalGpuLauncher(LocalLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         try:
-            slices = device_slices(int(self.params.get("gpus_per_node") or 0), visible_devices())
+            slices = gpu_slices(int(self.params.get("gpus_per_node") or 0), visible_devices())
         except UserError as error:  # before any job starts: one line, as the entry point prints user errors
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -6,7 +6,7 @@ turns submitit's view of the job (SLURM's variables, or the local executor's) in
 anything reads the rank: the run then behaves exactly as under ``accelerate launch`` (pipeline/distributed.py,
 pipeline/orchestrate.py: rank 0 alone prints and writes, every rank trains).
 
-``job_devices`` shares the GPUs of one machine out to jobs that run at the same time (for a local GPU
+``gpu_slices`` shares the GPUs of one machine out to jobs that run at the same time (for a local GPU
 launcher: hydra_plugins/prefopt_local_gpu_launcher.py, preset hydra/launcher=submitit_local_gpu).
 """
 
@@ -48,25 +48,14 @@ def visible_devices(environ: dict[str, str] | None = None) -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def parallel_slots(gpus_per_job: int, devices: Sequence[str]) -> int:
-    """How many jobs can run at once with ``gpus_per_job`` GPUs each out of ``devices``."""
+def gpu_slices(gpus_per_job: int, devices: Sequence[str]) -> list[list[str]]:
+    """The disjoint slices of ``devices``, ``gpus_per_job`` GPUs each, in order: one per job that can run at
+    the same time as the others (leftover GPUs stay unused); a one-line error when not even one job fits."""
     if gpus_per_job < 1:
         raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: expected at least 1 GPU per job "
                         "(use hydra/launcher=submitit_local_cpu for CPU jobs)")
     if gpus_per_job > len(devices):
         raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: only {len(devices)} GPU(s) visible "
                         f"({','.join(devices) or 'none'}); expected at most {len(devices)} (the GPUs CUDA_VISIBLE_DEVICES lists, or all)")
-    return len(devices) // gpus_per_job
-
-
-def job_devices(slot: int, parallel_jobs: int, gpus_per_job: int, devices: Sequence[str]) -> list[str]:
-    """The GPUs of job ``slot`` (0-based) out of ``parallel_jobs`` running at the same time: disjoint slices of
-    ``devices`` in order; a one-line error when the jobs need more GPUs than there are."""
-    slots = parallel_slots(gpus_per_job, devices)
-    if parallel_jobs > slots:
-        raise UserError(f"hydra.launcher.gpus_per_node={gpus_per_job}: {parallel_jobs} jobs at once need "
-                        f"{parallel_jobs * gpus_per_job} GPUs, {len(devices)} visible ({','.join(devices)}); "
-                        f"expected at most {slots} jobs at once")
-    if not 0 <= slot < parallel_jobs:
-        raise ValueError(f"job slot {slot} outside 0..{parallel_jobs - 1}")
-    return list(devices[slot * gpus_per_job:(slot + 1) * gpus_per_job])
+    slots = len(devices) // gpus_per_job
+    return [list(devices[slot * gpus_per_job:(slot + 1) * gpus_per_job]) for slot in range(slots)]

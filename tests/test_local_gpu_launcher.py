@@ -9,18 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from pipeline.errors import UserError
-from hydra_plugins.prefopt_local_gpu_launcher import device_slices
 from tests.conftest import REPO_ROOT
-
-
-def test_device_slices_are_disjoint():
-    assert device_slices(1, ["4", "6"]) == [["4"], ["6"]]
-    assert device_slices(2, ["0", "1", "2", "3", "4"]) == [["0", "1"], ["2", "3"]]
-    with pytest.raises(UserError, match="only 1 GPU"):
-        device_slices(2, ["GPU-1a2b"])
 
 
 def sweep(tmp_path: Path, visible: str, *overrides: str) -> subprocess.CompletedProcess:
