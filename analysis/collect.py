@@ -9,6 +9,8 @@ sweep dir (``<job>/run.json`` below it) and returns a dict of DataFrames:
 - ``steps``: per-step training metrics (metrics.jsonl), long;
 - ``probes``: per probe pair and record step (trajectories.jsonl);
 - ``pairs``: per held-out pair preference metrics (preference_pairs.parquet), baseline included;
+- ``items``: per lm-eval test item and metric (``samples/<task>.jsonl``: task, doc_id, metric, value), baseline
+  included; metric names as in ``scores.json`` (``exact_match_strict-match``);
 - ``pair_data``: the pairing artifacts' pairs (edit distances, buckets, sources);
 - ``pairings``: one row per pairing artifact with its bucket edges;
 - ``headlines``: the headline metric per eval task;
@@ -32,7 +34,7 @@ MANIFEST = "manifest.json"
 REFERENCE = "reference"
 IDENTITY = ["job", "status", "method", "label", "beta", "lambda_", "bucket_filter", "seed"]
 RESULT_COLUMNS = IDENTITY + ["stage", "metric", "value", "artifact_key", "artifact_path"]
-TABLES = ("jobs", "results", "steps", "probes", "pairs", "pair_data", "pairings", "headlines", "manifests")
+TABLES = ("jobs", "results", "steps", "probes", "pairs", "items", "pair_data", "pairings", "headlines", "manifests")
 # Run-level keys that say where/how a run was logged, not what it computed: never part of a label.
 RUN_LEVEL_KEYS = {"sweep_name", "artifacts_dir", "stages", "logger", "seed"}
 LABEL_KEY_ORDER = ("beta", "lambda_", "bucket_filter")
@@ -275,6 +277,9 @@ class _Collector:
                 self.result(ident, "evaluate", "eval/average", float(scores["average"]), key, str(path))
             for task, metric in (scores.get("headline") or {}).items():
                 self.rows["headlines"].append({"artifact_key": key, "task": task, "metric": metric})
+        items = item_scores(path / "samples")
+        if len(items):
+            self.frame("items", ident, items, key)
         if (path / "preference.json").is_file():
             for name, value in numeric_leaves(_read_json(path / "preference.json"), "pref"):
                 self.result(ident, "evaluate", name, value, key, str(path))
@@ -283,6 +288,22 @@ class _Collector:
             self.frame("pairs", ident, pairs, key)
             for name, value in pair_summaries(pairs):
                 self.result(ident, "evaluate", name, value, key, str(path))
+
+
+def item_scores(samples_dir: Path) -> pd.DataFrame:
+    """task, doc_id, metric, value: lm-eval's per-item scores from its logged samples. A sample lists its metrics
+    (``"metrics": ["acc", "acc_norm"]``) and holds each value under that name, once per filter; a filter other
+    than "none" is appended as ``scores.json`` names it (``exact_match`` + ``strict-match``)."""
+    rows = []
+    for file in sorted(samples_dir.glob("*.jsonl")) if samples_dir.is_dir() else []:
+        for sample in _read_jsonl(file):
+            suffix = "" if sample.get("filter", "none") == "none" else f"_{sample['filter']}"
+            for metric in sample.get("metrics") or []:
+                value = sample.get(metric)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append({"task": file.stem, "doc_id": int(sample["doc_id"]), "metric": metric + suffix,
+                                 "value": float(value)})
+    return pd.DataFrame(rows, columns=["task", "doc_id", "metric", "value"])
 
 
 PAIR_SUMMARY_COLUMNS = {
@@ -347,6 +368,7 @@ def collect_records(records: list[tuple[str, dict, Path | None]], store: Path | 
             elif stage == "evaluate":
                 collector.evaluate(ident, key, path)
                 baseline = manifest.get("baseline") or {}
+                row["key/baseline"] = baseline.get("key")  # the base model's evaluation this one compares with
                 if baseline.get("key") and baseline["key"] not in {k for k, _ in baselines}:
                     # the base model's artifact sits beside the trained one's in the same store
                     beside = {"key": baseline["key"], "path": baseline.get("path"),
@@ -373,7 +395,7 @@ def _frames(jobs: list[dict], rows: dict[str, list]) -> dict[str, pd.DataFrame]:
     tables = {"jobs": jobs_df}
     for name in TABLES[1:]:
         items = rows[name]
-        if name in ("steps", "probes", "pairs", "pair_data"):
+        if name in ("steps", "probes", "pairs", "items", "pair_data"):
             tables[name] = pd.concat(items, ignore_index=True) if items else pd.DataFrame()
         else:
             tables[name] = pd.DataFrame(items)

@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from analysis import (fig_after_diff, fig_beta_lambda, fig_edit_distance, fig_logit_shift, fig_loglik_shift,
-                      fig_logp_shift, leaderboard, study)
+                      fig_logp_shift, leaderboard, paired, study)
 from analysis.collect import REFERENCE, collect, save_tables
 from analysis.collect import flatten as flatten_config
 from analysis.leaderboard import markdown
@@ -93,6 +93,8 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
     for name, rows in leaderboard.report_tables(tables).items():
         title = "Leaderboard (F6)" if name == "leaderboard" else "Preference metrics on held-out pairs"
         blocks += [("h2", title), ("table", rows)]
+        if name == "leaderboard" and len(tables.get(paired.NAME, [])):
+            blocks += paired_blocks(tables[paired.NAME])
     for key, _, title, caption in FIGURES:
         images = [p for p in figures.get(key, []) if p.suffix == ".png"]
         if images:
@@ -112,6 +114,16 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
         blocks += [("h2", "Manifests used"),
                    ("links", [(f"{r.stage} {r.artifact_key}", _rel(r.manifest_path, out_dir)) for r in unique.itertuples()])]
     return blocks
+
+
+def paired_blocks(table: pd.DataFrame) -> list[Block]:
+    """Each method against the base model on the same test items (analysis/paired.py)."""
+    return [("h2", "Difference to the base model, item by item"),
+            ("p", "Per test item, the method's lm-eval score minus the base model's on the same item (headline "
+                  "metric of each task; seeds averaged per item); mean, 95% Student-t interval and standard error "
+                  "over items, and the number of items that went up and down. An interval across 0: no change "
+                  "this many items can detect."),
+            ("table", paired.markdown_rows(table))]
 
 
 def study_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
@@ -168,6 +180,10 @@ def write_report(tables: dict[str, pd.DataFrame], out_dir: Path | str, source: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_files = save_tables(tables, out_dir / "tables")
+    tables = {**tables, paired.NAME: paired.paired_table(tables)}
+    if len(tables[paired.NAME]):
+        tables[paired.NAME].to_csv(out_dir / "tables" / f"{paired.NAME}.csv", index=False)
+        table_files.append(out_dir / "tables" / f"{paired.NAME}.csv")
     if study.applies(tables):
         tables = {**tables, "study": study.study_table(tables)}
         tables["study"].to_csv(out_dir / "tables" / "study.csv", index=False)

@@ -53,9 +53,16 @@ def make_pair(root: Path):
     return build(root, "pair", {"pairing": {"unit": "char_ned", "bucket_edges": [0.0, 0.2, 1.0]}}, {}, compute)
 
 
-def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, baseline=None):
-    """Evaluate artifact; ``shift`` sets the policy's log-prob shift on every held-out pair (0 = base)."""
+def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, baseline=None, items=None):
+    """Evaluate artifact; ``shift`` sets the policy's log-prob shift on every held-out pair (0 = base);
+    ``items``: task -> per-item headline scores, written as lm-eval's logged samples (one per doc_id)."""
     def compute(work: Path):
+        (work / "samples").mkdir()
+        for task, values in (items or {}).items():
+            metric = TASKS[task].split(",")[0]
+            write_jsonl(work / "samples" / f"{task}.jsonl", [
+                {"doc_id": i, "filter": "none", "metrics": [metric], metric: v, "resps": [["x"]]}
+                for i, v in enumerate(values)])
         write_json(work / "scores.json", {
             "tasks": {task: {metric: scores[task], metric.replace(",", "_stderr,"): STDERR[task]}
                       for task, metric in TASKS.items()},
@@ -92,18 +99,19 @@ def make_train(root: Path, tag: str, slope: float):
     return build(root, "train", {"tag": tag}, {}, compute)
 
 
-def make_sweep(tmp_path: Path, jobs: list[dict], name: str = "sweep") -> tuple[Path, dict]:
+def make_sweep(tmp_path: Path, jobs: list[dict], name: str = "sweep", base_items=None) -> tuple[Path, dict]:
     """Sweep dir with ``<n>/run.json`` per job; returns it and the artifacts made, by job number."""
     root, sweep = tmp_path / "artifacts", tmp_path / "runs" / name / "2024-01-01_00-00-00"
     pair = make_pair(root)
-    base = make_eval(root, "base", {"arith_mc": 0.5, "arith_gen": 0.25}, 0.0)
+    base = make_eval(root, "base", {"arith_mc": 0.5, "arith_gen": 0.25}, 0.0, items=base_items)
     made = {"pair": pair, "base": base}
     for n, job in enumerate(jobs):
         tag = f"{job['method']}-{job.get('beta')}-{job.get('lambda_')}-{job.get('seed', 0)}"
         artifacts = {"pair": pair}
         if job.get("status", "ok") == "ok":
             artifacts["train"] = make_train(root, tag, job["slope"])
-            artifacts["evaluate"] = make_eval(root, tag, job["scores"], job["slope"], baseline=base)
+            artifacts["evaluate"] = make_eval(root, tag, job["scores"], job["slope"], baseline=base,
+                                              items=job.get("items"))
         made[n] = artifacts
         config = {"method": {"name": job["method"], "loss": job["method"], "beta": job.get("beta", 0.3),
                              "lambda_": job.get("lambda_"), **job.get("method_extra", {})},
@@ -429,3 +437,39 @@ def assert_leaderboard_bars_match_the_results(tables):
         expected = [STDERR[c] if c in STDERR else float(np.sqrt(sum(v * v for v in STDERR.values())) / len(STDERR))
                     for c in columns]
         assert [(seg[1][1] - seg[0][1]) / 2 for seg in segments] == pytest.approx(expected), container.get_label()
+
+
+def test_paired_difference_to_the_base_model_by_hand(tmp_path):
+    """Per-item differences against the base model's items; numbers derived by hand in the comments."""
+    from analysis import paired
+    base = [1, 1, 1, 1, 0, 0, 0, 0]  # acc 0.5
+    jobs = [
+        {"method": "dpo", "slope": -0.5, "scores": {"arith_mc": 0.25, "arith_gen": 0.1},
+         "items": {"arith_mc": [0, 0, 1, 1, 0, 0, 0, 0]}},
+        {"method": "dpop", "lambda_": 50, "slope": 0.25, "seed": 0, "scores": {"arith_mc": 0.75, "arith_gen": 0.1},
+         "items": {"arith_mc": [1, 1, 1, 0, 1, 1, 1, 0]}},
+        {"method": "dpop", "lambda_": 50, "slope": 0.25, "seed": 1, "scores": {"arith_mc": 0.75, "arith_gen": 0.1},
+         "items": {"arith_mc": [1, 1, 1, 0, 1, 1, 0, 1]}},
+    ]
+    sweep_dir, made = make_sweep(tmp_path, jobs, base_items={"arith_mc": base, "arith_gen": [1, 0, 0, 0]})
+    table = paired.paired_table(collect(sweep_dir)).set_index("label")
+    assert list(table.index) == ["dpo", "dpop"] and set(table["task"]) == {"arith_mc"}  # no trained arith_gen items
+    # DPOP: seeds averaged per item -> [1,1,1,0,1,1,.5,.5]; d = [0,0,0,-1,1,1,.5,.5], mean 0.25,
+    # sum of squared deviations 3.0, sd sqrt(3/7) = 0.654654, se / sqrt(8) = 0.231455, t(0.975, 7) = 2.364624
+    dpop = table.loc["dpop"]
+    assert (dpop["items"], dpop["seeds"], dpop["up"], dpop["down"]) == (8, 2, 4, 1)
+    assert (dpop["base"], dpop["score"], dpop["difference"]) == pytest.approx((0.5, 0.75, 0.25))
+    assert dpop["se"] == pytest.approx(0.231455, abs=1e-6)
+    assert (dpop["ci_low"], dpop["ci_high"]) == pytest.approx((0.25 - 0.547306, 0.25 + 0.547306), abs=1e-5)
+    assert dpop["base_key"] == made["base"].key
+    assert dpop["artifact_keys"] == " ".join(sorted([made[1]["evaluate"].key, made[2]["evaluate"].key]))
+    # DPO: d = [-1,-1,0,0,0,0,0,0], mean -0.25, squared deviations 1.5, se sqrt(1.5/7)/sqrt(8) = 0.163663
+    dpo = table.loc["dpo"]
+    assert (dpo["up"], dpo["down"], dpo["difference"]) == (0, 2, pytest.approx(-0.25))
+    assert dpo["se"] == pytest.approx(0.163663, abs=1e-6)
+    assert (dpo["ci_low"], dpo["ci_high"]) == pytest.approx((-0.25 - 0.387003, -0.25 + 0.387003), abs=1e-5)
+    report = generate(sweep_dir).read_text()
+    assert "Difference to the base model, item by item" in report
+    assert "| dpop | arith_mc (acc) | 8 | 0.500 | 0.750 | +0.250 [-0.297, +0.797] (se 0.231) | 4 / 1 | 2 |" in report
+    written = pd.read_csv(sweep_dir / "report" / "tables" / f"{paired.NAME}.csv")
+    assert list(written["label"]) == ["dpo", "dpop"]

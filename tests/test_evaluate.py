@@ -328,3 +328,19 @@ def test_a_planted_task_file_in_the_store_is_never_run(trained_run, tmp_path, ca
     notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[store] eval_suite/")]
     assert len(notices) == 1 and "treated as absent and recomputed" in notices[0], notices
     assert not marker.exists() and not (suite_path / "evil.py").exists() and not (suite_path / "tasks").exists()
+
+
+def test_per_item_scores_average_to_lm_evals_scores(trained_run):
+    """analysis reads lm-eval's logged samples item by item (the paired comparison to the base model); their
+    means must be lm-eval's own aggregate for every metric, filters included (exact_match_strict-match)."""
+    from analysis.collect import item_scores
+    root, record = trained_run
+    for path in (artifact_of(record, "evaluate"),
+                 Path(json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]["path"])):
+        scores = json.loads((path / "scores.json").read_text())["tasks"]
+        means = item_scores(path / "samples").groupby(["task", "metric"])["value"].agg(["mean", "count"])
+        expected = {(task, metric): value for task, metrics in scores.items() for metric, value in metrics.items()
+                    if "stderr" not in metric}
+        assert set(means.index) == set(expected)
+        assert {key: means.loc[key, "mean"] for key in expected} == pytest.approx(expected)
+        assert set(means["count"]) == {3}  # eval.limit=3 items per task
