@@ -18,10 +18,13 @@ of this kind; the seeds' spread, min to max of the per-seed means, is shown besi
 A pair with no chosen token after the first difference (the chosen answer ends there, or is cut by
 ``train.max_length``) has no after-difference value and is left out of that quantity's count.
 
-The verdict sentences are generated from the intervals: "lowered" when the interval lies below 0,
-"raised" above 0, "did not clearly change" otherwise. "Smaug's failure mode appears here" when DPO lowered
-the after-difference quantity, DPOP did not, and DPOP minus DPO lies above 0; Smaug expects it on
-low-edit-distance pairs and not on high ones, so "does not appear" is the expected outcome there.
+The verdict sentences are generated from the intervals and the seeds: "lowered" when the interval lies below 0
+and every seed's mean is below 0, "raised" likewise above 0, "did not clearly change" when the interval
+covers 0, and "did not change consistently across seeds" when the interval over pairs is one-sided but a
+seed's mean lies on the other side (the interval is over pairs, so it does not see the seed variance).
+"Smaug's failure mode appears here" when DPO lowered the after-difference quantity, DPOP did not, and DPOP
+minus DPO lies above 0; Smaug expects it on low-edit-distance pairs and not on high ones, so "does not
+appear" is the expected outcome there.
 """
 
 from __future__ import annotations
@@ -112,10 +115,11 @@ def study_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def direction(row: pd.Series) -> str:
     if np.isnan(row["ci_low"]):
         return "cannot say (fewer than two pairs)"
+    seed_min, seed_max = row.get("seed_min", np.nan), row.get("seed_max", np.nan)
     if row["ci_high"] < 0:
-        return "lowered"
+        return "lowered" if not seed_max >= 0 else "did not change consistently across seeds"
     if row["ci_low"] > 0:
-        return "raised"
+        return "raised" if not seed_min <= 0 else "did not change consistently across seeds"
     return "did not clearly change"
 
 
@@ -123,6 +127,8 @@ def fmt(row: pd.Series, digits: int = 3) -> str:
     text = f"{row['mean']:+.{digits}f}"
     if not np.isnan(row.get("ci_low", np.nan)):
         text += f" [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}]"
+    if not np.isnan(row.get("seed_min", np.nan)):
+        text += f", seeds {row['seed_min']:+.{digits}f}..{row['seed_max']:+.{digits}f}"
     return text
 
 
@@ -140,7 +146,7 @@ def verdict(table: pd.DataFrame) -> list[str]:
         chosen = get[("dpo", "chosen_shift")]
         sentences.append(
             f"Bucket {bucket} ({int(dpo['pairs'])} held-out pairs, {int(dpo['seeds'])} seeds): DPO {direction(dpo)} the "
-            f"chosen tokens after the first difference (shift {fmt(dpo)} per token, 95% interval) and "
+            f"chosen tokens after the first difference (shift {fmt(dpo)} per token, 95% interval over pairs) and "
             f"{direction(chosen)} the chosen log-prob ({fmt(chosen, 2)} nats); DPOP {direction(dpop)} them "
             f"({fmt(dpop)}); DPOP minus DPO {fmt(gap) if gap is not None else '–'}. "
             + ("Smaug's failure mode appears here (DPO lowers the chosen tokens after the difference, DPOP keeps "

@@ -92,12 +92,15 @@ def test_report_has_the_study_section_figure_and_verdict(study_sweep):
     assert all(line.endswith(("DPOP keeps them).", "Smaug's failure mode does not appear here.")) for line in verdicts)
 
 
-def interval_row(method: str, mean: float, half: float, quantity: str = "after_diff_shift") -> dict:
+def interval_row(method: str, mean: float, half: float, quantity: str = "after_diff_shift",
+                 seeds: tuple[float, float] | None = None) -> dict:
+    seed_min, seed_max = seeds if seeds else (mean - half / 2, mean + half / 2)  # by default the seeds agree
     return {"bucket": "low", "method": method, "quantity": quantity, "mean": mean, "ci_low": mean - half,
-            "ci_high": mean + half, "pairs": 10, "seeds": 3}
+            "ci_high": mean + half, "pairs": 10, "seeds": 3, "seed_min": seed_min, "seed_max": seed_max}
 
 
 @pytest.mark.parametrize("dpo, dpop, gap, reproduced", [
+    ((-0.4, 0.1, "after_diff_shift", (-1.0, 0.2)), (0.2, 0.1), (0.6, 0.1), False),  # one seed's mean above 0
     ((-0.4, 0.1), (0.2, 0.1), (0.6, 0.1), True),    # DPO below 0, DPOP above, DPOP - DPO above 0
     ((-0.4, 0.1), (0.0, 0.1), (0.4, 0.1), True),    # DPOP unchanged within noise still "keeps" it
     ((-0.4, 0.5), (0.2, 0.1), (0.6, 0.1), False),   # DPO's drop within noise
@@ -109,7 +112,8 @@ def test_verdict_follows_the_intervals(dpo, dpop, gap, reproduced):
                           interval_row("dpo", -5.0, 1.0, "chosen_shift")])
     (sentence,) = study.verdict(table)
     assert sentence.endswith("does not appear here.") != reproduced, sentence
-    assert ("DPO lowered the chosen tokens" in sentence) == (dpo[0] + dpo[1] < 0)
+    seeds_agree = len(dpo) < 4 or dpo[3][1] < 0
+    assert ("DPO lowered the chosen tokens" in sentence) == (dpo[0] + dpo[1] < 0 and seeds_agree)
 
 
 def test_interval_is_students_t():
