@@ -65,7 +65,7 @@ figures: install ## Regenerate figures, tables and report from artifacts: make f
 
 dashboard: install ## The sweep's W&B workspace: published when WANDB_MODE=online, else written beside the report
 	@test -n "$(SWEEP_DIR)" || { echo "error: SWEEP_DIR is required, e.g. make dashboard SWEEP_DIR=runs/default/2026-01-01_12-00-00.000000"; exit 2; }
-	$(PY) -m pipeline.dashboard $(SWEEP_DIR) --publish
+	$(PY) -m pipeline.orchestration.dashboard $(SWEEP_DIR) --publish
 
 bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md); installs TRL (the bench extra) first
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0" -e ".[dev,bench]"

@@ -6,7 +6,7 @@ token log-probs) through
 
 - unchunked: ``logits = hidden @ W^T`` for every position (``[8, 1024, V]``), then ``score_tokens``
   (what a model's own ``logits`` followed by log-softmax cost), and
-- chunked: ``pipeline.logprob_head.score_hidden`` with ``train.logprob_chunk`` positions at a time.
+- chunked: ``pipeline.modeling.logprob_head.score_hidden`` with ``train.logprob_chunk`` positions at a time.
 
 and the same with BNF's O_t (``with_others``) at 2 rows x 1024 (the unchunked O_t path needs ~5 fp32
 ``[rows, T, V]`` tensors: 8 rows would not fit in 24 GB). Each variant runs in a fresh process; peak
@@ -37,8 +37,8 @@ def rss_mb() -> float:
 def one(variant: str, rows: int, tokens: int, hidden_size: int, vocab: int, chunk: int, with_others: bool,
         repeats: int) -> dict:
     import torch
-    from pipeline.logprob_head import Head, score_hidden
-    from pipeline.logprobs import score_tokens
+    from pipeline.modeling.logprob_head import Head, score_hidden
+    from pipeline.modeling.logprobs import score_tokens
 
     generator = torch.Generator().manual_seed(0)
     hidden = (torch.randn(rows * tokens, hidden_size, generator=generator)).requires_grad_()

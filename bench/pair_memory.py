@@ -4,7 +4,7 @@
     .venv/bin/python bench/pair_memory.py --rows 200000 1000000     # the full run (GBs of RAM before the fix)
 
 For each N a JSONL of N prompt/chosen/rejected rows (~500 characters per row in total) is written
-into a temporary folder: arithmetic word problems of ``pipeline.synthetic`` with an instruction
+into a temporary folder: arithmetic word problems of ``pipeline.data.synthetic`` with an instruction
 prefix; half the rejected answers are the solution with one intermediate result changed (low edit
 distance, Smaug's MetaMath recipe), half a wrong line of reasoning (high edit distance), and about
 0.5% of the rows repeat an earlier row (the stage drops them as duplicates). Then the real stage runs
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.synthetic import generate  # noqa: E402
+from pipeline.data.synthetic import generate  # noqa: E402
 
 PREFIXES = (
     "Solve the following problem step by step and give the final answer after ####.\n\n",

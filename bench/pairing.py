@@ -4,10 +4,10 @@
 
 Data: 100k pairs of ~500 characters built from synthetic solutions, half with one digit
 changed (low distance), half against a different text (high distance). The stage's
-function (``pipeline.distance.distances_and_buckets``: char + token Levenshtein, raw and
+function (``pipeline.data.distance.distances_and_buckets``: char + token Levenshtein, raw and
 normalised, bucketing) is timed against the bare minimum doing the same work:
 ``process.cpdist`` on characters, one batch tokenisation call, ``process.cpdist`` on token
-ids. The tokenizer is the tiny model's BPE (pipeline/tiny_model.py). Goal: ratio <= 2.
+ids. The tokenizer is the tiny model's BPE (pipeline/modeling/tiny_model.py). Goal: ratio <= 2.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the stage runs with t
 from rapidfuzz import process  # noqa: E402
 from rapidfuzz.distance import Levenshtein  # noqa: E402
 
-from pipeline.distance import distances_and_buckets, hf_tokenize  # noqa: E402
-from pipeline.synthetic import generate  # noqa: E402
+from pipeline.data.distance import distances_and_buckets, hf_tokenize  # noqa: E402
+from pipeline.data.synthetic import generate  # noqa: E402
 
 
 def make_pairs(count: int, chars: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -53,8 +53,8 @@ def make_pairs(count: int, chars: int, seed: int = 0) -> tuple[list[str], list[s
 
 def tokenizer():
     try:
-        from pipeline.tiny_model import build_tiny_tokenizer
-        return build_tiny_tokenizer(1024, 0), "tiny model BPE (pipeline.tiny_model, vocab 1024)"
+        from pipeline.modeling.tiny_model import build_tiny_tokenizer
+        return build_tiny_tokenizer(1024, 0), "tiny model BPE (pipeline.modeling.tiny_model, vocab 1024)"
     except ImportError:  # without the model module: a BPE trained on the data itself
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast

@@ -24,8 +24,8 @@ apply_offline_defaults(REPO / ".cache")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline import models  # noqa: E402
-from pipeline.precision import cpu_has_native_bf16  # noqa: E402
+from pipeline.modeling import models  # noqa: E402
+from pipeline.modeling.precision import cpu_has_native_bf16  # noqa: E402
 
 
 def main() -> None:

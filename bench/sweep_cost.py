@@ -88,7 +88,7 @@ def prepare_inputs(args, tmp: Path):
     import pandas as pd
     from hydra import compose, initialize_config_dir
 
-    from pipeline.orchestrate import Run
+    from pipeline.orchestration.orchestrate import Run
 
     root = tmp / "prepared"
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -45,7 +45,7 @@ os.environ["WANDB_MODE"] = "disabled"
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from pipeline.orchestrate import Run  # noqa: E402
+from pipeline.orchestration.orchestrate import Run  # noqa: E402
 
 from _trl_common import dpo_config, quiet, run_trl  # noqa: E402  (bench/ is the script's directory)
 
@@ -97,9 +97,9 @@ def time_trl(model_dir: Path, pairs, args, precision: str, precompute: bool, out
 
 def layout_stats(run, train_pairs, args) -> str:
     """Positions per pair in each layout over the training pairs, and the padding share of each."""
-    from pipeline.batching import encode_pair
-    from pipeline.models import load_tokenizer
-    from pipeline.packing import computed_tokens
+    from pipeline.modeling.batching import encode_pair
+    from pipeline.modeling.models import load_tokenizer
+    from pipeline.modeling.packing import computed_tokens
 
     tokenizer = load_tokenizer(run.artifacts["model"])
     encodings = [encode_pair(tokenizer, p, c, r, args.max_length, args.max_length // 2)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 
-from pipeline.cluster import gpu_slices, visible_devices
+from pipeline.orchestration.cluster import gpu_slices, visible_devices
 from pipeline.errors import UserError
 
 

@@ -1,6 +1,6 @@
 """Entry point: ``python -m pipeline [overrides]`` (a Hydra app; ``-m`` for multirun).
 
-``--help`` and ``sweep=<name>`` are handled first by pipeline/cli.py."""
+``--help`` and ``sweep=<name>`` are handled first by pipeline/orchestration/cli.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline.cluster import join_job_tasks  # noqa: E402
+from pipeline.orchestration.cluster import join_job_tasks  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.orchestrate import Run  # noqa: E402
+from pipeline.orchestration.orchestrate import Run  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -56,7 +56,7 @@ def leave_process_group() -> None:
 
 
 def entry() -> None:
-    from pipeline import cli
+    from pipeline.orchestration import cli
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(cli.help_text())
         return

@@ -49,6 +49,6 @@ def tiny_model_cfg():
 def tiny_model_artifact(tmp_path_factory, tiny_model_cfg):
     """The tiny model, built once per test session by the real model stage into a temp store."""
     from omegaconf import OmegaConf
-    from pipeline import models
+    from pipeline.stages import model as model_stage
     root = tmp_path_factory.mktemp("tiny-model-store")
-    return models.run(OmegaConf.create({"model": tiny_model_cfg}), {}, root)
+    return model_stage.run(OmegaConf.create({"model": tiny_model_cfg}), {}, root)

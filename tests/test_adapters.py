@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.adapters import SCHEMAS, adapt, detect_schema
-from pipeline.readers import Loaded, load_hub, load_local
+from pipeline.data.adapters import SCHEMAS, adapt, detect_schema
+from pipeline.data.readers import Loaded, load_hub, load_local
 from pipeline.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"

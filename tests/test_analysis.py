@@ -1,6 +1,6 @@
 """Analysis: artifacts -> tidy table -> figures and report, on small artifact dirs written in the stages' formats.
 
-The fixture writes real artifacts through ``pipeline.artifacts.build`` (manifests included) with
+The fixture writes real artifacts through ``pipeline.store.artifacts.build`` (manifests included) with
 hand-chosen numbers, and run records the way the orchestrator writes them; the tests check that
 every number of the table and the leaderboard traces back to those numbers and keys.
 """
@@ -19,7 +19,7 @@ from analysis import fig_beta_lambda, fig_edit_distance, fig_logp_shift, leaderb
 from analysis.__main__ import main as analysis_main
 from analysis.collect import collect, find_run_records
 from analysis.report import FIGURES, generate
-from pipeline.artifacts import build
+from pipeline.store.artifacts import build
 from pipeline.errors import UserError
 
 BUCKETS = ("low", "high")
@@ -314,7 +314,7 @@ def test_bad_dir_is_one_line_user_error(tmp_path, capsys):
 
 
 def test_analyse_stage_is_cached_on_rerun(tmp_path):
-    from pipeline import analyse
+    from pipeline.stages import analyse
 
     sweep_dir, made = make_sweep(tmp_path, TWO_METHODS[1:2])
     cfg = OmegaConf.create({"method": {"name": "dpop", "beta": 0.3, "lambda_": 50}, "pairing": {"bucket_filter": None},

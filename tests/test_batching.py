@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.batching import check_token_budget, encode_pair, encode_response
+from pipeline.modeling import models
+from pipeline.modeling.batching import check_token_budget, encode_pair, encode_response
 from pipeline.errors import UserError
 
 
@@ -60,7 +60,7 @@ def test_bos_adding_tokenizer_gets_exactly_one_bos(tokenizer):
 
 
 def test_unshared_layout_rows_and_masks():
-    from pipeline.packing import pair_layout
+    from pipeline.modeling.packing import pair_layout
     layout = pair_layout([5, 6, 7, 8], [5, 6, 9], 2, 2, "none", pad_id=99)
     assert layout.input_ids.tolist() == [[5, 6, 7, 8], [5, 6, 9, 99]]  # chosen row, then rejected, right-padded
     assert layout.attention.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]

@@ -19,13 +19,19 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import analyse, eval_suite, evaluate, models, pair, reference, train
-from pipeline.artifacts import canonical_json
+from pipeline.stages import analyse
+from pipeline.evaluation import eval_suite
+from pipeline.stages import evaluate
+from pipeline.stages import model as model_stage
+from pipeline.stages import pair
+from pipeline.stages import reference
+from pipeline.stages import train
+from pipeline.store.artifacts import canonical_json
 from pipeline.errors import UserError
-from pipeline.orchestrate import Run
+from pipeline.orchestration.orchestrate import Run
 from tests.conftest import REPO_ROOT, compose_config
 
-SUBSETS = {"model": lambda c: models.config_subset(c.model), "pair": pair.config_subset,
+SUBSETS = {"model": lambda c: model_stage.config_subset(c.model), "pair": pair.config_subset,
            "reference": reference.config_subset, "train": train.config_subset,
            "evaluate": lambda c: evaluate.config_subset(c, "trained"), "analyse": analyse.config_subset,
            # lm-eval's own artifact (the local suite's settings reach it through the suite's key)
@@ -220,7 +226,7 @@ def test_every_setting_changes_exactly_the_keys_of_the_stages_that_read_it(case)
 
 
 def test_equal_numbers_and_labels_share_keys():
-    from pipeline.artifacts import artifact_key
+    from pipeline.store.artifacts import artifact_key
     one, one_float = compose_config("method=dpo", "method.beta=1"), compose_config("method=dpo", "method.beta=1.0")
     assert canonical_json(train.config_subset(one)) == canonical_json(train.config_subset(one_float))
     renamed = compose_config("method=dpo", "method.beta=1", "method.name=dpo_again")
@@ -238,12 +244,12 @@ def test_equal_numbers_and_labels_share_keys():
 PROBE = """
 import json, sys, time
 started = time.perf_counter()
-from pipeline.code_version import code_identity
+from pipeline.store.code_version import code_identity
 identities = {s: code_identity(s) for s in sys.argv[1:]}
 elapsed = time.perf_counter() - started
 libraries_loaded = sorted(m for m in ("torch", "transformers", "pandas", "matplotlib") if m in sys.modules)
-from pipeline.artifacts import artifact_key
-from pipeline.orchestrate import OPTIONAL_UPSTREAM, REQUIRED_UPSTREAM
+from pipeline.store.artifacts import artifact_key
+from pipeline.orchestration.orchestrate import OPTIONAL_UPSTREAM, REQUIRED_UPSTREAM
 keys = {}
 for stage in ("model", "pair", "reference", "train", "evaluate", "analyse"):  # a full run's chain of upstream keys
     upstream = {u: keys[u] for u in REQUIRED_UPSTREAM[stage] + OPTIONAL_UPSTREAM.get(stage, ())}
@@ -281,12 +287,12 @@ def test_editing_code_recomputes_exactly_what_depends_on_it(tmp_path):
     assert before["libraries_loaded"] == [], "computing code identities must not import the libraries"
     # the lazily imported analysis package is in the analyse stage's closure, and only there
     assert "analysis.fig_after_diff" in before["modules"]["analyse"]
-    assert "pipeline.losses" in before["modules"]["train"] and "pipeline.losses" not in before["modules"]["reference"]
+    assert "pipeline.training.losses" in before["modules"]["train"] and "pipeline.training.losses" not in before["modules"]["reference"]
 
     (copy_root / "README.md").write_text("edited")
     append(copy_root / "tests" / "test_losses.py")
     # documentation inside the code: a comment, reflowed lines, a module and a function docstring
-    losses = copy_root / "pipeline" / "losses.py"
+    losses = copy_root / "pipeline" / "training" / "losses.py"
     source = losses.read_text()
     edited = '"""Reworded."""\n# a new comment\n' + source.split('"""', 2)[2]
     edited, replaced = re.subn(r'(\ndef \w+\([^)]*\)[^:]*:\n\s+)"""[^"]*"""', r'\1"""Reworded too."""', edited, count=1)
@@ -294,7 +300,7 @@ def test_editing_code_recomputes_exactly_what_depends_on_it(tmp_path):
     losses.write_text(edited.replace("\ndef ", "\n# spaced out\n\ndef ", 1))
     assert probe(copy_root)["keys"] == before["keys"], "comments and docstrings must not change a key"
 
-    append(copy_root / "pipeline" / "losses.py")
+    append(copy_root / "pipeline" / "training" / "losses.py")
     after_loss = probe(copy_root)
     # train's code changed; evaluate and analyse recompute through the train key they build on
     assert changed(before, after_loss, "code") == {"train"}
@@ -308,7 +314,7 @@ def test_editing_code_recomputes_exactly_what_depends_on_it(tmp_path):
 
 CLOSURE_PROBE = """
 import json
-from pipeline.code_version import import_closure
+from pipeline.store.code_version import import_closure
 print(json.dumps(import_closure("pipeline.stage")))
 """
 FAKE_PACKAGES = {
@@ -345,7 +351,9 @@ def test_import_closure_follows_every_import_form(tmp_path):
     for name, text in FAKE_PACKAGES.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(textwrap.dedent(text))
-    shutil.copy(REPO_ROOT / "pipeline" / "code_version.py", tmp_path / "pipeline" / "code_version.py")
+    (tmp_path / "pipeline" / "store").mkdir()
+    (tmp_path / "pipeline" / "store" / "__init__.py").write_text("")
+    shutil.copy(REPO_ROOT / "pipeline" / "store" / "code_version.py", tmp_path / "pipeline" / "store" / "code_version.py")
     out = subprocess.run([sys.executable, "-c", CLOSURE_PROBE], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -355,13 +363,13 @@ def test_import_closure_follows_every_import_form(tmp_path):
 
 
 def test_a_project_stage_must_be_registered(tmp_path):
-    from pipeline.artifacts import build
+    from pipeline.store.artifacts import build
     namespace = {"__name__": "pipeline.new_stage", "build": build}
     exec("def run(root):\n    return build(root, 'new_stage', {}, {}, lambda workdir: None)\n", namespace)
     with pytest.raises(RuntimeError, match="STAGE_MODULES"):
         namespace["run"](tmp_path)
     # every registered stage names a real module and its libraries
-    from pipeline.code_version import STAGE_LIBRARIES, STAGE_MODULES, code_identity
+    from pipeline.store.code_version import STAGE_LIBRARIES, STAGE_MODULES, code_identity
     assert set(STAGE_LIBRARIES) == set(STAGE_MODULES)
     for stage in STAGE_MODULES:
         assert STAGE_MODULES[stage] in code_identity(stage)["modules"]
@@ -373,10 +381,10 @@ SHA_MAIN, SHA_NEW, SHA_DATA = "1" * 40, "2" * 40, "3" * 40
 HUB_PROBE = """
 import json, sys
 from omegaconf import OmegaConf
-from pipeline import models, pair
-from pipeline.artifacts import artifact_key
+from pipeline.stages import model as model_stage, pair
+from pipeline.store.artifacts import artifact_key
 from pipeline.errors import UserError
-from pipeline.hub_revision import resolve_revision
+from pipeline.store.hub_revision import resolve_revision
 from tests.conftest import compose_config
 
 def error(call):
@@ -386,9 +394,9 @@ def error(call):
         return str(e)
 
 model = compose_config("model=mistral_7b", "model.hub_id=org/model").model
-subset = models.resolved_subset(model)
+subset = model_stage.resolved_subset(model)
 data = pair.resolved_subset(compose_config("data=arc_dpop", "data.hub_id=org/data"))
-artifact = models.run(OmegaConf.create({"model": model}), {}, sys.argv[1])
+artifact = model_stage.run(OmegaConf.create({"model": model}), {}, sys.argv[1])
 print(json.dumps({
     "main": resolve_revision("org/model", None), "named": resolve_revision("org/model", "main"),
     "pinned": resolve_revision("org/model", "%(new)s"),
@@ -465,7 +473,7 @@ def test_recompute_forces_a_stage_and_is_recorded(make_config, tmp_path):
 
 
 def test_recompute_evaluate_covers_its_artifacts():
-    from pipeline.orchestrate import forced_artifacts
+    from pipeline.orchestration.orchestrate import forced_artifacts
     assert forced_artifacts(["train", "evaluate"]) == ["train", "evaluate", "lm_eval", "eval_suite"]
 
 
@@ -492,7 +500,7 @@ def test_a_sweep_recomputes_a_shared_artifact_once(tmp_path):
 
 def test_a_forced_recompute_never_leaves_readers_without_the_artifact(tmp_path):
     """The replacement is one atomic exchange: a reader polling the artifact always finds a manifest."""
-    from pipeline.artifacts import build, forcing
+    from pipeline.store.artifacts import build, forcing
 
     def compute(workdir: Path) -> None:
         (workdir / "data.txt").write_text("x" * 1000)

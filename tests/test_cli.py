@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import cli
+from pipeline.orchestration import cli
 from pipeline.errors import UserError
 from tests.conftest import CONF_DIR, REPO_ROOT
 

@@ -1,10 +1,10 @@
-"""pipeline/cluster.py on CPU: GPUs shared out to parallel jobs (by hand), and no export outside a submitit job."""
+"""pipeline/orchestration/cluster.py on CPU: GPUs shared out to parallel jobs (by hand), and no export outside a submitit job."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.cluster import gpu_slices, join_job_tasks, visible_devices
+from pipeline.orchestration.cluster import gpu_slices, join_job_tasks, visible_devices
 from pipeline.errors import UserError
 
 

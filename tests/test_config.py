@@ -128,7 +128,7 @@ def test_beta_lambda_sweep_matches_smaug_figure_3():
 def test_a_group_choice_conf_does_not_have_is_refused_not_silently_added():
     """`+variant/compare=dpo` outside a named sweep: Hydra adds a plain key and the run would train DPOP."""
     from pipeline.errors import UserError
-    from pipeline.validate import check_group_like_keys
+    from pipeline.orchestration.validate import check_group_like_keys
     cfg = compose_config("+variant/compare=dpo")
     assert cfg.method.name == "dpop"  # what Hydra does on its own: the choice is lost
     with pytest.raises(UserError, match=r"^\+variant/compare=dpo: no config group 'variant/compare' in conf/.*sweep=<name>") as error:

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from pipeline import dashboard
-from pipeline.orchestrate import Run
+from pipeline.orchestration import dashboard
+from pipeline.orchestration.orchestrate import Run
 
 TINY = ("model=tiny", "logger=wandb", "data.num_problems=40", "data.num_eval_items=16", "train.max_steps=2",
         "train.probe_every=1", "eval.limit=4", "train.max_length=128", "train.max_prompt_length=64",

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.distance import (assign_buckets, bucket_labels, distances_and_buckets, edit_distances,
-                               fallback_tokenize, levenshtein, pairwise_distances, resolve_edges)
+from pipeline.data.distance import (assign_buckets, bucket_labels, distances_and_buckets, edit_distances, fallback_tokenize, levenshtein, pairwise_distances, resolve_edges)
 from pipeline.errors import UserError
 
 SPEC_CHOSEN = "First 3 + 5 = 8 then 8 / 2 = 4"

@@ -1,13 +1,13 @@
-"""How work splits over the processes of a launch (pipeline/distributed.py), and the evaluation backend
+"""How work splits over the processes of a launch (pipeline/store/distributed.py), and the evaluation backend
 settings that depend on it. The real two-process runs are in tests/test_multiprocess.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.distributed import gather, shard
+from pipeline.store.distributed import gather, shard
 from pipeline.errors import UserError
-from pipeline.validate import validate
+from pipeline.orchestration.validate import validate
 from tests.conftest import compose_config
 
 

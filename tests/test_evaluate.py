@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import eval_suite, evaluate
-from pipeline.artifacts import Artifact
+from pipeline.evaluation import eval_suite
+from pipeline.stages import evaluate
+from pipeline.store.artifacts import Artifact
 from pipeline.errors import UserError
-from pipeline.orchestrate import Run
-from pipeline.precision import resolve_precision
+from pipeline.orchestration.orchestrate import Run
+from pipeline.modeling.precision import resolve_precision
 from tests.conftest import compose_config
 
 # Small everything: ~28 pairs, 14 held-out items (8 few-shot + 6 test), 2 training steps, 3 items per task.
@@ -76,8 +77,8 @@ def test_trained_evaluation_artifact(trained_run):
 def test_baseline_is_recorded_with_zero_shift(trained_run):
     """The base model's evaluation is the reference artifact's scores; scoring the base model for real
     (the same per-pair layout) gives exactly those numbers, so its shifts are exactly 0 by measurement."""
-    from pipeline import models
-    from pipeline.scoring import forward_settings, score_pairs
+    from pipeline.modeling import models
+    from pipeline.modeling.scoring import forward_settings, score_pairs
     root, record = trained_run
     manifest = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())
     baseline = Path(manifest["baseline"]["path"])
@@ -102,7 +103,7 @@ def test_multiple_choice_accuracy_matches_a_direct_forward(trained_run):
     """lm-eval's acc on the base model, recomputed by hand: each choice's log-likelihood from a plain
     transformers forward of context + continuation, the argmax against the gold index."""
     import torch
-    from pipeline import models
+    from pipeline.modeling import models
     root, record = trained_run
     baseline = Path(json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]["path"])
     model_artifact = Artifact("model", "", artifact_of(record, "model"), True)
@@ -231,10 +232,12 @@ def test_smollm2_solves_some_local_problems(tmp_path):
     0.05). Generation (GSM8K-shaped, one or two steps): free-form numbers have a chance level near 0, so
     exact answers on a few of 48 problems show real ability (measured 0.29 +- 0.05 on 100).
     """
-    from pipeline import models, pair as pair_stage
+    from pipeline.modeling import models
+    from pipeline.stages import model as model_stage
+    from pipeline.stages import pair as pair_stage
     store = tmp_path / "store"
     cfg = compose_config(f"artifacts_dir={store}", "logger=none")
-    model_artifact = models.run(cfg, {}, store)
+    model_artifact = model_stage.run(cfg, {}, store)
     pair = pair_stage.run(cfg, {"model": model_artifact}, store)
     settings = evaluate.eval_settings(cfg.eval)
     settings["limit"] = 48  # the default sweep's CPU budget
@@ -299,7 +302,7 @@ def plant_task_files(suite: Path, templates: Path, marker: Path) -> None:
 def test_a_planted_task_file_in_the_store_is_never_run(trained_run, tmp_path, capsys):
     """lm-eval reads task YAMLs generated at evaluation time, never from the store: a planted `!function`
     hook is not run even when its author also rewrote the manifest; without that it is not even accepted."""
-    from pipeline.artifacts import MANIFEST, describe_files
+    from pipeline.store.artifacts import MANIFEST, describe_files
 
     root, record = trained_run
     base = json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]

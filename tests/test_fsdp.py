@@ -1,4 +1,4 @@
-"""train.distributed=fsdp (pipeline/sharding.py): the config checks, the plugin, the presets, and real
+"""train.distributed=fsdp (pipeline/training/sharding.py): the config checks, the plugin, the presets, and real
 two-process FSDP2 training (gloo on CPU) checked against a plain single-process run.
 
 The expected numbers come from ONE process with twice the micro-batch: MicroBatchStream then cuts the
@@ -16,10 +16,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import sharding
+from pipeline.training import sharding
 from pipeline.errors import UserError
-from pipeline.train import CRASH_HOOK_ENV
-from pipeline.validate import validate
+from pipeline.stages.train import CRASH_HOOK_ENV
+from pipeline.orchestration.validate import validate
 from tests.conftest import compose_config
 from tests.test_multiprocess import OVERRIDES, launch, only_artifact, only_train_artifact, read_jsonl, stage_lines, weights
 
@@ -72,7 +72,7 @@ def test_accelerate_config_settings_pass_through(tmp_path):
 
 def test_plugin_shards_fully_keeps_fp32_and_wraps_the_models_layers(tiny_model_artifact, tiny_model_cfg, tmp_path):
     from torch.distributed.fsdp import CPUOffloadPolicy
-    from pipeline.models import load_causal_lm
+    from pipeline.modeling.models import load_causal_lm
     model = load_causal_lm(tiny_model_artifact, tiny_model_cfg, trainable=True)
     cfg = OmegaConf.create({"train": {"distributed": "fsdp", "accelerate_config": None}})
     plugin = sharding.build_plugin(cfg, model)

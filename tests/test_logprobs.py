@@ -1,4 +1,4 @@
-"""pipeline.logprobs: per-token log-probs, BNF's O_t and the Smaug Fig. 4 helpers (pure torch)."""
+"""pipeline.modeling.logprobs: per-token log-probs, BNF's O_t and the Smaug Fig. 4 helpers (pure torch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.logprobs import first_difference_index, mean_logp_after, score_tokens
+from pipeline.modeling.logprobs import first_difference_index, mean_logp_after, score_tokens
 
 SPEC_LOGITS = [2.0, 1.0, 0.5, -1.0]  # docs/losses.md, Worked values: BNF one token, observed index 0
 

@@ -1,4 +1,4 @@
-"""pipeline.losses: every number of docs/losses.md, Worked values, gradients, and every conf/method/*.yaml (pure torch)."""
+"""pipeline.training.losses: every number of docs/losses.md, Worked values, gradients, and every conf/method/*.yaml (pure torch)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pipeline.errors import UserError
-from pipeline.logprobs import score_tokens
-from pipeline.losses import LOSSES, LossInput, bnf_loss, bnf_token_terms, get_loss
+from pipeline.modeling.logprobs import score_tokens
+from pipeline.training.losses import LOSSES, LossInput, bnf_loss, bnf_token_terms, get_loss
 
 METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
 F64 = torch.float64
@@ -288,7 +288,7 @@ def test_bnf_identical_pairs_are_masked_but_counted():
 
 
 def test_same_rows_compares_response_tokens():
-    from pipeline.training_loop import same_rows
+    from pipeline.training.training_loop import same_rows
     ids = torch.tensor([[1, 5, 6, 7, 0], [1, 5, 6, 8, 0], [1, 5, 6, 7, 0], [1, 5, 6, 7, 9]])  # chosen 0,1; rejected 0,1
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 1.0]])  # scores tokens 1: of each row
     assert same_rows(ids, mask, 2).tolist() == [True, False]
@@ -390,7 +390,7 @@ def test_method_file_runs_forward_and_backward(path):
 
 @pytest.mark.parametrize("path", METHOD_FILES, ids=lambda p: p.stem)
 def test_method_file_passes_config_checks(path):
-    from pipeline.validate import validate
+    from pipeline.orchestration.validate import validate
     validate(OmegaConf.create({"stages": [], "method": OmegaConf.load(path)}))
 
 
@@ -401,7 +401,7 @@ def test_method_file_passes_config_checks(path):
     ({"guards": "yes"}, "method.guards"), ({"loss": "dpo_positive"}, "method.loss"),
 ])
 def test_bad_method_values_are_rejected_naming_the_key(override, key):
-    from pipeline.validate import validate
+    from pipeline.orchestration.validate import validate
     method = OmegaConf.merge(OmegaConf.load(METHOD_DIR / "dpop.yaml"), override)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         validate(OmegaConf.create({"stages": [], "method": method}))

@@ -9,10 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import models
-from pipeline.artifacts import artifact_key
+from pipeline.modeling import models
+
+from pipeline.stages import model as model_stage
+from pipeline.store.artifacts import artifact_key
 from pipeline.errors import UserError
-from pipeline.tiny_model import build_tiny_model
+from pipeline.modeling.tiny_model import build_tiny_model
 
 from conftest import CONF_DIR
 
@@ -53,14 +55,14 @@ def test_tiny_tokenizer_chat_template_and_special_tokens(tiny_model_artifact):
 
 def test_model_stage_caches_and_loads(tmp_path, tiny_model_cfg):
     cfg = OmegaConf.create({"model": tiny_model_cfg, "seed": 0})
-    first = models.run(cfg, {}, tmp_path)
+    first = model_stage.run(cfg, {}, tmp_path)
     assert not first.cached and (first.path / "model" / "model.safetensors").is_file()
     assert (first.path / "model" / "chat_template.jinja").is_file()
-    second = models.run(cfg, {}, tmp_path)
+    second = model_stage.run(cfg, {}, tmp_path)
     assert second.cached and second.key == first.key
     # The run seed is not part of the model: seed sweeps share one model (and one reference).
-    assert models.run(OmegaConf.create({"model": tiny_model_cfg, "seed": 7}), {}, tmp_path).key == first.key
-    other = models.run(OmegaConf.create({"model": model_cfg("tiny", **{"tiny.hidden_size": 32})}), {}, tmp_path)
+    assert model_stage.run(OmegaConf.create({"model": tiny_model_cfg, "seed": 7}), {}, tmp_path).key == first.key
+    other = model_stage.run(OmegaConf.create({"model": model_cfg("tiny", **{"tiny.hidden_size": 32})}), {}, tmp_path)
     assert other.key != first.key
     assert models.model_location(first) == str(first.path / "model")
     model = models.load_causal_lm(first, tiny_model_cfg)
@@ -83,18 +85,18 @@ def test_load_causal_lm_trainable_with_checkpointing_and_lora(tiny_model_artifac
 
 def test_source_resolution(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert models.config_subset(model_cfg("smollm2_135m"))["source"]["kind"] == "gguf"  # the default, online or not
+    assert model_stage.config_subset(model_cfg("smollm2_135m"))["source"]["kind"] == "gguf"  # the default, online or not
     cfg = model_cfg("smollm2_135m", source="auto")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    offline = models.config_subset(cfg)
+    offline = model_stage.config_subset(cfg)
     assert offline["source"]["kind"] == "gguf" and offline["source"]["file"].endswith(".gguf")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    online = models.config_subset(cfg)
+    online = model_stage.config_subset(cfg)
     assert online["source"] == {"kind": "hub", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                 "revision": "main", "materialize": True}
     assert artifact_key("model", offline, {}) != artifact_key("model", online, {})
     with pytest.raises(UserError, match="model.source"):
-        models.config_subset(model_cfg("tiny", source="somewhere"))
+        model_stage.config_subset(model_cfg("tiny", source="somewhere"))
 
 
 @pytest.mark.parametrize("name", ["mistral_7b", "llama3_8b", "qwen2_5_7b"])
@@ -103,7 +105,7 @@ def test_gpu_presets_fail_offline_in_one_line(name, tmp_path, monkeypatch):
     cfg = model_cfg(name)
     assert cfg.dtype == "bf16" and cfg.gradient_checkpointing and not cfg.trust_remote_code
     with pytest.raises(UserError, match="HF_HUB_OFFLINE") as error:
-        models.run(OmegaConf.create({"model": cfg}), {}, tmp_path)
+        model_stage.run(OmegaConf.create({"model": cfg}), {}, tmp_path)
     assert "\n" not in str(error.value) and cfg.hub_id in str(error.value)
 
 
@@ -111,16 +113,16 @@ def test_missing_gguf_package_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = model_cfg("smollm2_135m", gguf_package="no_such_package_xyz")
     with pytest.raises(UserError, match="no_such_package_xyz"):
-        models.run(OmegaConf.create({"model": cfg}), {}, tmp_path)
+        model_stage.run(OmegaConf.create({"model": cfg}), {}, tmp_path)
 
 
 @pytest.mark.slow
 def test_smollm2_gguf_conversion(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = model_cfg("smollm2_135m")
-    artifact = models.run(OmegaConf.create({"model": cfg}), {}, tmp_path)
+    artifact = model_stage.run(OmegaConf.create({"model": cfg}), {}, tmp_path)
     assert artifact.manifest["parameters"] == 134_515_008  # 134.5M
-    assert models.run(OmegaConf.create({"model": cfg}), {}, tmp_path).cached
+    assert model_stage.run(OmegaConf.create({"model": cfg}), {}, tmp_path).cached
     tokenizer = models.load_tokenizer(artifact)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
@@ -137,7 +139,7 @@ def test_smollm2_gguf_conversion(tmp_path, monkeypatch):
 
 
 def test_validate_checks_model_keys_before_loading(make_config, monkeypatch):
-    from pipeline.validate import validate
+    from pipeline.orchestration.validate import validate
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     validate(make_config("model=tiny"))
     with pytest.raises(UserError, match="model.dtype"):
@@ -151,7 +153,7 @@ def test_validate_checks_model_keys_before_loading(make_config, monkeypatch):
 
 
 def test_gpu_preset_stops_at_the_model_stage_offline(make_config, tmp_path, monkeypatch):
-    from pipeline.orchestrate import Run
+    from pipeline.orchestration.orchestrate import Run
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="mistralai/Mistral-7B-Instruct-v0.2.*HF_HUB_OFFLINE"):
         Run(make_config("model=mistral_7b", "stages=[pair]", "logger=none"), tmp_path / "run").execute()

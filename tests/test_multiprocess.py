@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
-from pipeline.train import CRASH_HOOK_ENV
+from pipeline.stages.train import CRASH_HOOK_ENV
 
 pytestmark = pytest.mark.slow  # four launches of two processes each: ~1-2 minutes on 2 cores
 

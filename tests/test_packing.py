@@ -1,4 +1,4 @@
-"""Shared-prefix forward (pipeline/packing.py) and chunked head (pipeline/logprob_head.py) against plain transformers.
+"""Shared-prefix forward (pipeline/modeling/packing.py) and chunked head (pipeline/modeling/logprob_head.py) against plain transformers.
 
 Expected values come from the tiny model run the plain way: each response ALONE through
 ``model(input_ids).logits``, log-softmax, gather, and O_t by brute force over the vocabulary. Every
@@ -14,13 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.batching import encode_pair
+from pipeline.modeling.batching import encode_pair
 from pipeline.errors import UserError
-from pipeline.logprob_head import Head, score_hidden
-from pipeline.losses import LossInput, get_loss
-from pipeline.packing import computed_tokens, pair_layout, shared_length
-from pipeline.scoring import ForwardSettings, pair_forward, score_pairs
-from pipeline.training_loop import forward_micro_batch, pad_rows, reference_tokens
+from pipeline.modeling.logprob_head import Head, score_hidden
+from pipeline.training.losses import LossInput, get_loss
+from pipeline.modeling.packing import computed_tokens, pair_layout, shared_length
+from pipeline.modeling.scoring import ForwardSettings, pair_forward, score_pairs
+from pipeline.training.training_loop import forward_micro_batch, pad_rows, reference_tokens
 from tests.conftest import CONF_DIR
 
 PAIRS = [  # prompt, chosen, rejected: a one-token edit, a distractor, a prefix, identical responses, a long tail
@@ -34,7 +34,7 @@ METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 
 
 def tiny(seed: int = 0, attn: str | None = None):
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.modeling.tiny_model import build_tiny_model
     cfg = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
     cfg.tiny.seed = seed
     model, tokenizer = build_tiny_model(cfg.tiny)
@@ -199,7 +199,7 @@ def test_bad_settings_get_one_line():
 
 
 def test_validation_stops_a_packed_layout_with_flash_attention_before_any_stage():
-    from pipeline.validate import check_forward_layout
+    from pipeline.orchestration.validate import check_forward_layout
     from tests.conftest import compose_config
     with pytest.raises(UserError, match="model.attn_implementation=flash_attention_2: cannot take"):
         check_forward_layout(compose_config("model.attn_implementation=flash_attention_2"))
@@ -212,7 +212,7 @@ def test_validation_stops_a_packed_layout_with_flash_attention_before_any_stage(
 def test_lora_with_gradient_checkpointing_trains_through_the_packed_forward(tiny_model_artifact, tiny_model_cfg):
     """A PEFT-wrapped, checkpointed policy: the decoder's hidden states are found through the wrapper, the
     frozen head gets no gradient, and the LoRA gradients equal those of the unshared layout."""
-    from pipeline import models
+    from pipeline.modeling import models
     cfg = OmegaConf.merge(tiny_model_cfg, {"gradient_checkpointing": True, "lora": {"enabled": True}})
     tokenizer = models.load_tokenizer(tiny_model_artifact)
     encodings = [encode_pair(tokenizer, p, c, r, 128, 64) for p, c, r in PAIRS]

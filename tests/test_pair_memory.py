@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import pair
-from pipeline.adapters import adapt
-from pipeline.readers import load_local
-from pipeline.distance import distances_and_buckets, fallback_tokenize
+from pipeline.stages import pair
+from pipeline.data.adapters import adapt
+from pipeline.data.readers import load_local
+from pipeline.data.distance import distances_and_buckets, fallback_tokenize
 from pipeline.errors import UserError
 from tests.conftest import compose_config
 

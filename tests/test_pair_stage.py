@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import pair
+from pipeline.stages import pair
 from pipeline.errors import UserError
 from tests.conftest import REPO_ROOT
 
@@ -136,7 +136,7 @@ def test_deterministic_cached_and_key_changes(make_config, tmp_path):
 
 
 def test_bucket_filter_selects_train_pairs_of_one_bucket_and_shares_the_pairs(make_config):
-    from pipeline.train import select_rows
+    from pipeline.stages.train import select_rows
     full = run_pair(make_config, *SMALL)
     low_cfg = make_config(*SMALL, "pairing.bucket_filter=low")
     assert run_pair(make_config, *SMALL, "pairing.bucket_filter=low").key == full.key  # one pair artifact
@@ -198,9 +198,10 @@ def test_local_file_missing_is_one_line(make_config, tmp_path):
 
 
 def test_chat_template_prompts_with_the_tiny_model(make_config):
-    from pipeline import models
+    from pipeline.modeling import models
+    from pipeline.stages import model as model_stage
     cfg = make_config("model=tiny", *SMALL)
-    model = models.run(cfg, {}, Path(cfg.artifacts_dir))
+    model = model_stage.run(cfg, {}, Path(cfg.artifacts_dir))
     art = pair.run(cfg, {"model": model}, Path(cfg.artifacts_dir))
     frame = pd.read_parquet(art.path / "pairs.parquet")
     tokenizer = models.load_tokenizer(model)
@@ -229,7 +230,7 @@ def test_unknown_data_name_lists_the_choices():
     ("data.num_problems=0", "data.num_problems=0"),
 ])
 def test_config_checks_run_before_any_data(make_config, override, fragment):
-    from pipeline.validate import check_data_and_pairing, validate
+    from pipeline.orchestration.validate import check_data_and_pairing, validate
     cfg = make_config(override)
     with pytest.raises(UserError, match=fragment.replace("[", r"\[")):
         validate(cfg)
@@ -237,7 +238,7 @@ def test_config_checks_run_before_any_data(make_config, override, fragment):
 
 
 def test_local_and_hub_configs_are_checked(make_config):
-    from pipeline.validate import validate
+    from pipeline.orchestration.validate import validate
     with pytest.raises(UserError, match="data.path"):
         validate(make_config("data=local"))
     with pytest.raises(UserError, match="data.schema='rows'"):

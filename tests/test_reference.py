@@ -10,11 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import models, reference
-from pipeline.artifacts import build
-from pipeline.batching import encode_response
-from pipeline.preference_metrics import pair_table, summarise
-from pipeline.scoring import ScoredPairs, score_pairs
+from pipeline.modeling import models
+from pipeline.stages import reference
+from pipeline.modeling import reference_scores
+from pipeline.store.artifacts import build
+from pipeline.modeling.batching import encode_response
+from pipeline.evaluation.preference_metrics import pair_table, summarise
+from pipeline.modeling.scoring import ScoredPairs, score_pairs
 
 QUESTIONS = [
     ("Ava has 12 apples. She eats 5. How many are left?", "12 - 5 = 7.\n#### 7", "12 - 5 = 8.\n#### 8", "low"),
@@ -69,7 +71,7 @@ def test_reference_scores_equal_a_direct_forward_and_are_reused(store, tiny_mode
     artifact = reference.run(cfg, upstream, root)
     assert artifact.manifest["sequences_scored"] == 2 * len(frame) and artifact.manifest["pairs"] == len(frame)
     assert artifact.manifest["chosen_truncated"] == 1  # the long chosen response lost its EOS
-    scored = reference.load_reference(artifact)
+    scored = reference_scores.load_reference(artifact)
     assert scored.pair_ids == list(frame["pair_id"])
     tokenizer = models.load_tokenizer(upstream["model"])
     model = models.load_causal_lm(upstream["model"], tiny_model_cfg)
@@ -89,8 +91,8 @@ def test_reference_scores_equal_a_direct_forward_and_are_reused(store, tiny_mode
 
 def test_bf16_reference_keeps_fp32_logps(store, tiny_model_cfg):
     root, upstream, frame = store
-    scored = reference.load_reference(reference.run(stage_cfg(tiny_model_cfg, precision="bf16"), upstream, root))
-    fp32 = reference.load_reference(reference.run(stage_cfg(tiny_model_cfg), upstream, root))
+    scored = reference_scores.load_reference(reference.run(stage_cfg(tiny_model_cfg, precision="bf16"), upstream, root))
+    fp32 = reference_scores.load_reference(reference.run(stage_cfg(tiny_model_cfg), upstream, root))
     assert scored.logps["chosen"].dtype == torch.float32
     assert not torch.equal(scored.logps["chosen"], fp32.logps["chosen"])  # autocast really ran
     # Measured on this model: at most 1.1e-3 nats per token and 3.4e-3 per sequence apart (bf16 body, fp32
@@ -126,7 +128,7 @@ def test_scored_pairs_save_load_select(store, tmp_path):
 
 def hand_scores(pair_ids, chosen, rejected) -> ScoredPairs:
     """ScoredPairs from lists of (logps, ids, logits) per pair and side."""
-    from pipeline.scoring import _from_rows
+    from pipeline.modeling.scoring import _from_rows
     rows = {side: [tuple(torch.tensor(x, dtype=torch.float32 if k != 1 else torch.long) for k, x in enumerate(item))
                    for item in items] for side, items in (("chosen", chosen), ("rejected", rejected))}
     return _from_rows(pair_ids, rows, with_logits=True)
@@ -166,7 +168,7 @@ def test_pair_table_hand_built_case():
 
 def test_pair_then_reference_through_the_orchestrator(make_config, tmp_path):
     """`python -m pipeline stages=[pair,reference] model=tiny` in-process, on a few synthetic problems."""
-    from pipeline.orchestrate import Run
+    from pipeline.orchestration.orchestrate import Run
     cfg = make_config("stages=[pair,reference]", "model=tiny", "logger=none", "data.num_problems=12",
                       "data.num_eval_items=4", "train.max_length=128", "train.max_prompt_length=64")
     record = Run(cfg, tmp_path / "run").execute()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import store
+from pipeline.store import manage as store
 from pipeline.errors import UserError
-from pipeline.orchestrate import Run
+from pipeline.orchestration.orchestrate import Run
 from tests.conftest import REPO_ROOT
 
 SMALL = ("model=tiny", "logger=none", "data.num_problems=12", "data.num_eval_items=4", "stages=[pair,reference]",

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from pipeline.checkpointing import truncate_jsonl
+from pipeline.training.checkpointing import truncate_jsonl
 
 
 def write_rows(path, steps):
@@ -53,9 +53,9 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import artifacts  # noqa: E402
-from pipeline.artifacts import build  # noqa: E402
-from pipeline.checkpointing import checkpoint_path, load_checkpoint, restore_checkpoint, save_checkpoint  # noqa: E402
+from pipeline.store import artifacts  # noqa: E402
+from pipeline.store.artifacts import build  # noqa: E402
+from pipeline.training.checkpointing import checkpoint_path, load_checkpoint, restore_checkpoint, save_checkpoint  # noqa: E402
 
 
 class Planted:

@@ -138,7 +138,7 @@ def test_store_and_runs_copied_elsewhere_regenerate_the_same_report(workdir, fir
 
 
 def test_summary_average_stderr_by_hand():
-    from pipeline.sweep import average_stderr
+    from pipeline.orchestration.sweep import average_stderr
     scores = {"headline": {"mc": "acc", "gen": "exact_match_strict-match"},
               "tasks": {"mc": {"acc": 0.5, "acc_stderr": 0.03, "acc_norm": 0.4, "acc_norm_stderr": 0.9},
                         "gen": {"exact_match_strict-match": 0.2, "exact_match_stderr_strict-match": 0.04}}}

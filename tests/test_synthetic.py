@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from pipeline.distance import pairwise_distances
+from pipeline.data.distance import pairwise_distances
 from pipeline.errors import UserError
-from pipeline.synthetic import generate
+from pipeline.data.synthetic import generate
 
 MIX = {"corrupt_step": 0.45, "wrong_solution": 0.3, "mc_distractor": 0.25}
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")

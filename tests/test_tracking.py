@@ -1,4 +1,4 @@
-"""pipeline/tracking.py: W&B offline runs carry the logged keys; logger=none is a true no-op."""
+"""pipeline/store/tracking.py: W&B offline runs carry the logged keys; logger=none is a true no-op."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pipeline.tracking import Tracker, flat_run_config, start_run
+from pipeline.store.tracking import Tracker, flat_run_config, start_run
 
 
 def wandb_cfg(**logger):
@@ -63,7 +63,7 @@ def test_logger_none_is_a_true_noop(tmp_path):
         os.environ["WANDB_DIR"] = {str(tmp_path)!r}
         os.environ["WANDB_MODE"] = "offline"
         from omegaconf import OmegaConf
-        from pipeline.tracking import start_run
+        from pipeline.store.tracking import start_run
         cfg = OmegaConf.create({{"logger": {{"name": "none"}}, "sweep_name": "s", "seed": 0}})
         tracker = start_run(cfg, "train")
         tracker.log({{"train/loss": 1.0}}, step=0); tracker.summary({{"a": 1}}); tracker.finish()

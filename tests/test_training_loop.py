@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import losses
-from pipeline.orchestrate import Run
-from pipeline.train import TrainingDiverged
-from pipeline.training_loop import MicroBatchResult, StepMetrics, disable_dropout, parameter_groups, warmup_steps
+from pipeline.training import losses
+from pipeline.orchestration.orchestrate import Run
+from pipeline.stages.train import TrainingDiverged
+from pipeline.training.training_loop import (MicroBatchResult, StepMetrics, disable_dropout, parameter_groups, warmup_steps)
 from tests.conftest import REPO_ROOT, compose_config
 
 TINY = ("model=tiny", "logger=none", "train.max_length=96", "train.max_prompt_length=48", "train.progress=false",
@@ -92,7 +92,7 @@ def test_step_zero_reproduces_the_reference_exactly(tmp_path, eleven_pairs, prec
 # ------------------------------------------------------------------ dropout
 
 def test_dropout_is_switched_off(tiny_model_artifact, tiny_model_cfg):
-    from pipeline.models import load_causal_lm
+    from pipeline.modeling.models import load_causal_lm
     model = load_causal_lm(tiny_model_artifact, tiny_model_cfg, trainable=True)
     for module in model.modules():  # give the tiny model dropout, as real checkpoints have
         if hasattr(module, "attention_dropout"):
@@ -138,7 +138,7 @@ def test_warmup_is_rounded_up():
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_model_artifact, tiny_model_cfg):
-    from pipeline.models import load_causal_lm
+    from pipeline.modeling.models import load_causal_lm
     model = load_causal_lm(tiny_model_artifact, tiny_model_cfg, trainable=True)
     decay, no_decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import train as train_stage
-from pipeline.losses import LossInput, bnf_loss
-from pipeline.orchestrate import Run
-from pipeline.reference import load_scored_rows
-from pipeline.unpaired import kept_sides
+from pipeline.stages import train as train_stage
+from pipeline.training.losses import LossInput, bnf_loss
+from pipeline.orchestration.orchestrate import Run
+from pipeline.modeling.reference_scores import load_scored_rows
+from pipeline.data.unpaired import kept_sides
 from tests.conftest import REPO_ROOT, compose_config
 
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "kto_unpaired.jsonl"  # 2 desirable rows, 1 undesirable
@@ -127,7 +127,7 @@ def test_dpo_on_unpaired_data_exits_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("method", ["dpo", "dpop", "simpo"])
 def test_validation_names_the_method_and_the_flag(overrides, cause, method):
     from pipeline.errors import UserError
-    from pipeline.validate import validate
+    from pipeline.orchestration.validate import validate
     with pytest.raises(UserError) as error:
         validate(compose_config("stages=[pair,reference,train]", f"method={method}", *overrides))
     assert f"method.name={method}" in str(error.value) and "accepts_unpaired" in str(error.value)
@@ -148,7 +148,7 @@ def test_an_auto_detected_unpaired_file_is_refused_by_the_train_stage(tmp_path):
 # ------------------------------------------------------------------ (c) BNF's loss on a masked-out side, by hand
 
 def hand_bnf(logits: list[list[float]], targets: list[int], ref_logps: list[float], guards: bool) -> list[float]:
-    """Per-token A_t of docs' formula (pipeline/losses.py, BNF), from the logits in plain Python floats:
+    """Per-token A_t of docs' formula (pipeline/training/losses.py, BNF), from the logits in plain Python floats:
     p = softmax, w = min(p / p_ref, 1), u = (1 - w) / (1 - p), A = w log p(y) + u sum_{j != y} p_j log p_j;
     with guards w = min(p / (p_ref + 1e-6), 1), u = (1 - w + 1e-6) / (1 - p + 1e-6); exact: u = 0 where w = 1."""
     terms = []

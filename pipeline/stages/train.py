@@ -1,0 +1,387 @@
+"""Stage "train": one preference method on the training pairs, starting from the reference model.
+
+Upstream: ``model`` (weights + tokenizer), ``pair`` (``pairs.parquet``, and ``unpaired.parquet`` under
+``data.schema=unpaired``) and ``reference`` (per-token reference log-probs of every row, never recomputed
+here). The loss is ``get_loss(method.loss)``; the method file's flags (``needs_vocab_term``,
+``needs_reference``, ``accepts_unpaired``) decide what the loss input carries and whether one-sided rows
+may train. The trainer never tests a method's name.
+
+One-sided rows (pipeline/data/unpaired.py): the rows of ``unpaired.parquet`` train beside the pairs, each
+scored alone; ``train.drop_one_side=true`` keeps one side of each training pair (drawn from ``seed``),
+forwarded in the pair's layout. Either way the absent side reaches the loss as an all-zero mask, and
+the probes and the evaluation score held-out rows as they are (pairs stay pairs).
+
+Runs on accelerate (CPU, one GPU or DDP via ``accelerate launch --multi_gpu --num_processes N -m pipeline``,
+which on a CPU-only machine runs gloo DDP; ``--cpu`` alone starts ONE process). Under DDP every rank
+trains, only the main one writes the artifact (``artifacts.build_collective``). Chosen and rejected rows
+go through ONE concatenated forward; log-probs are fp32 even under bf16 autocast; AdamW with warm-up and
+linear/cosine decay, gradient accumulation and clipping. Truncation is the reference stage's
+(``pipeline.modeling.batching.encode_response`` with ``train.max_length`` and ``train.max_prompt_length``), so
+policy and reference score exactly the same tokens.
+
+Resumable: every ``train.checkpoint_every`` steps the full state goes into the artifact's partial
+directory (pipeline/training/checkpointing.py); rerunning the same command resumes from it and, on CPU, ends
+bit-identical to an uninterrupted run. A non-finite loss stops the run with a one-line error naming
+the step and keeps the last good checkpoint.
+
+Artifact: ``model/`` (save_pretrained + tokenizer), ``metrics.jsonl`` (one row per step, ``train/...``
+names), ``trajectories.jsonl`` (per probe pair and probe step), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline.store.artifacts import Artifact
+from pipeline.training.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint, truncate_jsonl)
+from pipeline.store.distributed import build_shared, process_state
+from pipeline.training import sharding
+from pipeline.errors import UserError
+from pipeline.modeling.precision import resolve_precision
+from pipeline.modeling.scoring import ForwardSettings
+from pipeline.data import unpaired
+from pipeline.evaluation.probes import ProbeRecorder, append_jsonl
+from pipeline.training.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer, disable_dropout, forward_micro_batch, total_steps)
+
+STAGE = "train"
+UPSTREAM = ("model", "pair", "reference")
+# Keys of conf/train that change nothing in the artifact (memory, checkpoints, display) or belong to the reference stage.
+OPERATIONAL_KEYS = ("checkpoint_every", "progress")
+LABELS = ("name",)  # method.name labels tables and runs; two names of one setting share the artifact
+# Test-only hook: raise after this many steps (after that step's checkpoint) to simulate a crash.
+CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
+METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
+
+
+class TrainingDiverged(UserError):
+    """The loss became nan/inf; the message names the step and the checkpoint that was kept."""
+
+
+def bucket_filter(cfg: DictConfig) -> list[str] | None:
+    value = OmegaConf.select(cfg, "pairing.bucket_filter", default=None)
+    if value is None:
+        return None
+    return [str(v) for v in (OmegaConf.to_container(value) if OmegaConf.is_list(value) else [value])]
+
+
+def config_subset(cfg: DictConfig) -> dict[str, Any]:
+    from pipeline.modeling.models import attention_setting, lora_enabled, policy_dtype
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in OPERATIONAL_KEYS}
+    # How the ranks hold the model: in the key only under FSDP (run() adds it), so DDP keys stay as they were.
+    train.pop("distributed", None), train.pop("accelerate_config", None)
+    train["precision"] = resolve_precision(train["precision"])  # what ran, not "auto"
+    if train.get("max_steps") is not None:
+        train.pop("epochs", None)  # unused when the step count is set
+    method = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in LABELS}
+    return {
+        "method": method,
+        "train": train,
+        "seed": int(cfg.seed),
+        "bucket_filter": bucket_filter(cfg),
+        # How the model is trained (the model artifact's key covers only its weights).
+        "model_use": {"weights_dtype": policy_dtype(cfg.model), **attention_setting(cfg.model),
+                      "lora": OmegaConf.to_container(cfg.model.lora, resolve=True) if lora_enabled(cfg.model) else None},
+    }
+
+
+def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
+    missing = [name for name in UPSTREAM if name not in upstream]
+    if missing:
+        raise ValueError(f"train needs upstream artifacts {missing}")
+    check_one_sided(cfg, upstream["pair"])  # before any model loads
+    state = process_state()  # joins the process group under `accelerate launch` / torchrun
+    subset = config_subset(cfg)
+    if sharding.is_fsdp(cfg):
+        sharding.check_processes(state.num_processes)  # before any model loads
+        # The passed-through settings (the file's content, not its path): CPU offload moves the optimiser step.
+        path = OmegaConf.select(cfg, "train.accelerate_config", default=None)
+        subset["distributed"] = {"mode": "fsdp", **(sharding.accelerate_settings(path) if path is not None else {})}
+    if state.num_processes > 1:
+        # DDP and FSDP: each optimiser step sees batch_size x processes pairs, so the process count is part of the key.
+        subset["processes"] = state.num_processes
+    inputs = {name: upstream[name] for name in UPSTREAM}
+    # Every rank trains; only the main one holds the lock and writes the artifact.
+    return build_shared(root, STAGE, subset, inputs, lambda workdir: train(cfg, upstream, Path(workdir)),
+                        resumable=True)
+
+
+def use_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- data
+
+def check_one_sided(cfg: DictConfig, pair: Artifact) -> None:
+    """One-sided rows in the pair artifact (an unpaired file, also when ``data.schema=auto`` detected it)
+    train only a method with ``accepts_unpaired: true``; pipeline/orchestration/validate.py catches what the config shows."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if not method.get("accepts_unpaired") and unpaired.load_rows(pair.path) is not None:
+        raise unpaired.refusal(method, f"the data (unpaired rows: {pair.path / unpaired.UNPAIRED_FILE})", "paired data")
+
+
+def kept_sides(cfg: DictConfig, frame: pd.DataFrame, rows: list[int]) -> dict[int, str]:
+    """``train.drop_one_side``: the side kept of each training pair (row -> side); {} when off."""
+    if not bool(OmegaConf.select(cfg, "train.drop_one_side", default=False)):
+        return {}
+    lone = unpaired.one_sided(frame)
+    pairs = [row for row in rows if not lone[row]]  # one-sided rows have nothing to drop
+    return dict(zip(pairs, unpaired.kept_sides(frame["pair_id"].iloc[pairs].astype(str), int(cfg.seed))))
+
+
+def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[int]]:
+    """Row positions of the training pairs (split == train, bucket filter) and the fixed probe set."""
+    train_mask = pairs["split"] == "train"
+    buckets = bucket_filter(cfg)
+    if buckets is not None:
+        known = sorted(pairs["bucket"].astype(str).unique())
+        unknown = [b for b in buckets if b not in known]
+        if unknown:
+            raise UserError(f"pairing.bucket_filter={unknown[0]!r}: expected null or one of {known}")
+        train_mask &= pairs["bucket"].astype(str).isin(buckets)
+    train_rows = [int(i) for i in train_mask.to_numpy().nonzero()[0]]
+    if not train_rows:
+        raise UserError(f"pairs.parquet: no split=train rows to train on (pairing.bucket_filter={buckets}); "
+                        "check pairing.test_fraction and the bucket names")
+    test_mask = pairs["split"] == "test"
+    if buckets is not None:  # follow the pairs it trains on (Smaug measures on the kind of pair it trains on)
+        test_mask &= pairs["bucket"].astype(str).isin(buckets)
+    test_rows = test_mask.to_numpy().nonzero()[0]
+    probe_rows = [int(i) for i in test_rows[: int(cfg.train.probe_pairs)]]
+    return train_rows, probe_rows
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import set_seed
+
+    from pipeline.training.losses import get_loss
+    from pipeline.modeling.models import load_causal_lm, load_tokenizer
+    from pipeline.modeling.reference_scores import load_scored_rows
+    from pipeline.store.tracking import start_run
+
+    train_cfg, seed = cfg.train, int(cfg.seed)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    loss_fn = get_loss(str(cfg.method.loss))
+    set_seed(seed)  # python, numpy, torch (+cuda): LoRA init and dropout
+
+    # Pairs, then any one-sided rows, with the reference's scores in the same row order.
+    pairs, reference = load_scored_rows(upstream["pair"], upstream["reference"])
+    train_rows, probe_rows = select_rows(cfg, pairs)
+    kept = kept_sides(cfg, pairs, train_rows)
+    tokenizer = load_tokenizer(upstream["model"])
+    max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
+    encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length, kept)
+
+    # Each train stage is its own accelerate run: several can follow in one process (Hydra's basic
+    # launcher runs a whole multirun in-process, e.g. a sweep over train.precision), and accelerate
+    # refuses a second Accelerator with other settings. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    precision = resolve_precision(train_cfg.precision)
+    settings = ForwardSettings.from_config(train_cfg, precision)  # the reference stage's layout and head
+    accelerator = Accelerator(cpu=use_cpu(), mixed_precision="bf16" if precision == "bf16" else "no")
+    fsdp = sharding.is_fsdp(cfg)
+    if fsdp:
+        sharding.check_processes(accelerator.num_processes)
+    model = load_causal_lm(upstream["model"], cfg.model, trainable=True)  # fp32 master weights (models.policy_dtype)
+    if bool(train_cfg.disable_dropout):
+        disable_dropout(model)
+    if fsdp:  # sharded by us, not by accelerate.prepare (pipeline/training/sharding.py says why); before the optimiser
+        model = sharding.shard(model, sharding.build_plugin(cfg, model), accelerator.device, accelerator.is_main_process)
+        sharding.autocast_forward(model, accelerator.device, precision)
+    stream = MicroBatchStream(train_rows, int(train_cfg.batch_size), seed,
+                              accelerator.num_processes, accelerator.process_index)
+    accumulation = int(train_cfg.grad_accumulation)
+    steps = total_steps(train_cfg.max_steps, float(train_cfg.epochs), stream.per_epoch, accumulation)
+    optimizer, scheduler = build_optimizer(model, train_cfg, steps)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = model if fsdp else accelerator.unwrap_model(model)  # what probes score (an FSDP model is used as it is)
+    # FSDP2 reduce-scatters in every backward (it has no no_sync); DDP skips all but the last micro-batch's.
+    quiet = contextlib.nullcontext if fsdp else (lambda: accelerator.no_sync(model))
+
+    metrics_path, trajectories_path = workdir / METRICS_FILE, workdir / TRAJECTORIES_FILE
+    main = accelerator.is_main_process  # under DDP only the main process writes into workdir
+    state = load_checkpoint(workdir)  # every process restores the same state
+    if state is not None:  # resume: everything after the checkpoint is recomputed
+        if fsdp:  # the full state dicts of the file, each rank keeping its shard
+            sharding.load_full_state(model, optimizer, state["model"], state["optimizer"])
+            restore_checkpoint(state, model=None, optimizer=None, scheduler=scheduler)
+        else:
+            restore_checkpoint(state, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
+        start, stream.position = int(state["step"]), int(state["position"])
+        if main:
+            truncate_jsonl(metrics_path, start)
+            truncate_jsonl(trajectories_path, start)
+    else:
+        start = 0
+        if main:
+            metrics_path.write_text("")
+            trajectories_path.write_text("")
+
+    # One W&B run per train artifact: a resumed training continues it (the id follows the artifact key).
+    tracker = start_run(cfg, job_type=STAGE, run_id=f"train-{workdir.name.removesuffix('.partial')}") if main else None
+    # Under FSDP every rank scores the probes (the forward is collective); only the main one writes them.
+    probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main or fsdp else None
+    checkpoint_every = int(train_cfg.checkpoint_every or 0)
+    crash_after = int(os.environ[CRASH_HOOK_ENV]) if os.environ.get(CRASH_HOOK_ENV) else None
+    max_grad_norm = float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm is not None else math.inf
+    buckets = pairs["bucket"].astype(str).to_numpy()
+    reduce = gather = None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        def reduce(values: dict[str, float]) -> dict[str, float]:
+            totals = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                                     device=accelerator.device), "sum")
+            return dict(zip(values, totals.tolist()))
+
+        def gather(shifts: dict[str, list[float]]) -> list[dict[str, list[float]]]:
+            return gather_object([shifts])
+
+    started, tokens_seen, last = time.time(), 0, {}
+    try:
+        if start == 0 and probe is not None:
+            probe.record(plain, 0, write=main)
+        bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method.name}", unit="step",
+                   disable=not (main and bool(train_cfg.progress)), dynamic_ncols=True)
+        for step in range(start, steps):
+            step_started = time.time()
+            lr = scheduler.get_last_lr()[0]
+            collected = StepMetrics(buckets)
+            chunks = [stream.next_global() for _ in range(accumulation)]
+            # Every pair of the step counts once: a micro-batch's mean loss is scaled by its share of the
+            # step's pairs (x processes, since DDP averages gradients over processes).
+            step_pairs = sum(len(chunk) for chunk in chunks)
+            for micro, chunk in enumerate(chunks):
+                rows = stream.share(chunk)
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else quiet()
+                with sync:
+                    result = forward_micro_batch(model, encodings.of(rows), tokenizer.pad_token_id, rows, reference,
+                                                 loss_fn, method_cfg, accelerator.device, quiet=quiet, settings=settings)
+                    weight = len(rows) * accelerator.num_processes / step_pairs
+                    loss = result.output.loss * weight
+                    # FSDP's forward and backward are collectives: a rank with one pair fewer in a last partial
+                    # micro-batch runs one more forward (of its own first pair), whose loss counts zero times,
+                    # before anything else talks to the other ranks.
+                    padding = -(-len(chunk) // accelerator.num_processes) - len(rows) if fsdp else 0
+                    if padding:
+                        extra = forward_micro_batch(model, encodings.of(rows[:1]) * padding, tokenizer.pad_token_id,
+                                                    rows[:1] * padding, reference, loss_fn, method_cfg,
+                                                    accelerator.device, settings=settings)
+                        loss = loss + extra.output.loss * 0.0
+                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
+                    accelerator.backward(loss)
+                collected.add(result, rows)
+            grad_norm = sharding.clip_grad_norm(params, max_grad_norm) if fsdp else accelerator.clip_grad_norm_(params, max_grad_norm)
+            check_finite(accelerator, grad_norm, step + 1, workdir, checkpoint_every, what="gradient norm")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done, elapsed = step + 1, time.time() - step_started
+            tokens_seen += collected.tokens
+            last = {"step": done, **collected.finish(reduce, gather), "train/lr": lr, "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_second": collected.tokens * accelerator.num_processes / max(elapsed, 1e-9)}
+            if main:
+                append_jsonl(metrics_path, [last])
+                tracker.log({k: v for k, v in last.items() if k != "step"}, step=done)
+            if probe is not None and (done % int(train_cfg.probe_every) == 0 or done == steps):
+                probe.record(plain, done, write=main)
+            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                accelerator.wait_for_everyone()
+                if fsdp:  # gathered full state dicts (a collective), written by the main rank alone
+                    weights, optimizer_state = sharding.full_state(model, optimizer)
+                    if main:
+                        require_finite_weights(weights.items(), done)
+                        save_checkpoint(workdir, step=done, position=stream.position, model=None, optimizer=None,
+                                        scheduler=scheduler, weights=weights, optimizer_state=optimizer_state)
+                elif main:
+                    unwrapped = accelerator.unwrap_model(model)
+                    require_finite_weights(((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad), done)
+                    save_checkpoint(workdir, step=done, position=stream.position, model=unwrapped,
+                                    optimizer=optimizer, scheduler=scheduler)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            if crash_after is not None and done == crash_after:
+                raise RuntimeError(f"{CRASH_HOOK_ENV}={crash_after}: simulated crash after step {done}")
+        bar.close()
+        wall = time.time() - started
+        accelerator.wait_for_everyone()
+        lone = unpaired.one_sided(pairs)
+        one_sided = sum(lone[row] for row in train_rows)
+        summary = {"steps": steps, "resumed_from_step": start or None, "train_pairs": len(train_rows),
+                   "train_rows": {"pairs": len(train_rows) - one_sided - len(kept), "one_sided": one_sided,
+                                  "dropped_pairs_kept_chosen": sum(side == "chosen" for side in kept.values()),
+                                  "dropped_pairs_kept_rejected": sum(side == "rejected" for side in kept.values())},
+                   "processes": accelerator.num_processes, "distributed": sharding.mode(cfg), "global_batch": stream.global_batch * accumulation,
+                   "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
+                   "positions_computed": tokens_seen * accelerator.num_processes,  # padding included (packing.py)
+                   "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
+                   "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
+                   "final": last}
+        # Under FSDP every weight is gathered to the main rank (a collective) into a plain copy of the model there.
+        final = final_model(model, upstream["model"], cfg.model) if fsdp else accelerator.unwrap_model(model)
+        if main:
+            save_final_model(final, tokenizer, workdir / MODEL_DIR)
+            (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
+            remove_checkpoints(workdir)
+        return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None,
+                "processes": accelerator.num_processes}
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def check_finite(accelerator, value: torch.Tensor, step: int, workdir: Path, checkpoint_every: int,
+                 what: str = "loss") -> None:
+    """Stop before the optimiser step when the loss or the gradient norm is nan/inf (on any process)."""
+    finite = torch.isfinite(torch.as_tensor(value).detach().float()).float().reshape(1).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite)
+    if bool(finite.min() < 1):
+        state = load_checkpoint(workdir) if checkpoint_every else None
+        kept = f"the last good checkpoint (step {state['step']}) is kept in {workdir}" if state else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"train: {what} is {float(torch.as_tensor(value).detach()):.4g} (not finite) at step {step}, "
+                               f"before its optimiser step; {kept}; lower train.lr or check the data")
+
+
+def require_finite_weights(named, step: int) -> None:
+    """Never write a checkpoint holding nan/inf weights (it would be resumed as "the last good one");
+    ``named``: (name, tensor) of the trainable weights."""
+    bad = [name for name, p in named if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(f"train: non-finite weights after step {step} ({bad[0]}, ...); no checkpoint written")
+
+
+def final_model(model, model_artifact: Artifact, model_cfg):
+    """An FSDP model's weights, gathered (every rank calls this), in an unsharded copy on the main rank (None elsewhere)."""
+    from pipeline.modeling.models import load_causal_lm
+    weights, _ = sharding.full_state(model, trainable_only=False)
+    if torch.distributed.get_rank() != 0:
+        return None
+    final = load_causal_lm(model_artifact, model_cfg, trainable=True)
+    final.load_state_dict(weights, strict=True)
+    return final
+
+
+def save_final_model(model, tokenizer, directory: Path) -> None:
+    if hasattr(model, "merge_and_unload"):  # LoRA: save plain weights so every later stage loads it like any model
+        model = model.merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
