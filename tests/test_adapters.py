@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.data.adapters import SCHEMAS, adapt, detect_schema
+from pipeline.data.adapt_source import adapt, detect_schema
+from pipeline.data.adapters import SCHEMAS
 from pipeline.data.readers import Loaded, load_hub, load_local
 from pipeline.errors import UserError
 

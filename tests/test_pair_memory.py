@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.stages import pair
-from pipeline.data.adapters import adapt
+from pipeline.data.adapt_source import adapt
 from pipeline.data.readers import load_local
 from pipeline.data.distance import distances_and_buckets, fallback_tokenize
 from pipeline.errors import UserError

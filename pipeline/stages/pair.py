@@ -27,7 +27,6 @@ buckets, and every run is evaluated on the test pairs of every bucket.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -36,13 +35,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data.adapters import AdaptedStream
+from pipeline.data.adapt_source import AdaptedStream
 from pipeline.data.readers import Source, open_hub, open_local
 from pipeline.store.artifacts import Artifact, build
 from pipeline.data.distance import (bucket_columns, distances_and_buckets, edit_distances, fallback_tokenize, hf_tokenize)
+from pipeline.data.pair_ids import id_number, prompt_digest, short_hash, split_from_digest, split_of
+from pipeline.data.parquet_rows import ParquetRows, frame_schema
 from pipeline.errors import UserError
 from pipeline.store.hub_revision import resolve_revision
 
@@ -55,33 +55,14 @@ DISTANCES = ("char_distance", "char_ned", "token_distance", "token_ned")
 # Memory: the stage reads its source twice, BATCH_ROWS rows at a time, and never holds all its text.
 BATCH_ROWS = 4096           # source rows read, adapted, hashed and measured (pass one) or written (pass two) at once
 DISTANCE_CHUNK = 1024       # pairs per tokenizer call
-ROW_GROUP_ROWS = 65536      # pairs.parquet row groups: at most this many rows ...
-ROW_GROUP_BYTES = 64 << 20  # ... ending at the row where their text reaches this many bytes
 
 
-def short_hash(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def split_of(prompt: str, test_fraction: float) -> str:
-    """"train" or "test" for every pair (and unpaired row) of this prompt.
-
-    Drawn per PROMPT, not per pair: a question with several pairs (multiple-choice distractors,
-    best-vs-each completions) must not have pairs on both sides, or held-out pairs would share
-    their prompt and chosen answer with training pairs. A stable hash of the prompt text alone, so
-    adding rows never moves existing prompts.
-    """
-    return split_from_digest(prompt_digest(prompt), test_fraction)
 
 
-def prompt_digest(prompt: str) -> bytes:
-    """The hash a prompt's split is drawn from (its first 16 bytes also identify the prompt in stats)."""
-    return hashlib.sha256(f"split:{prompt}".encode()).digest()
 
 
-def split_from_digest(digest: bytes, test_fraction: float) -> str:
-    draw = int.from_bytes(digest[:4], "big") / 2**32  # = int(hexdigest[:8], 16) / 2**32
-    return "test" if draw < test_fraction else "train"
 
 
 def config_subset(cfg: DictConfig) -> dict[str, Any]:
@@ -198,9 +179,6 @@ def read_stats(data: DictConfig, stream: AdaptedStream | GeneratedStream, rows: 
             "skipped": dict(counts.skipped), "bad_rows": counts.bad_rows[:20]}
 
 
-def id_number(pair_id: str) -> int:
-    """A 16-hex-digit id as an integer (equal ids <=> equal numbers): 8 bytes a pair instead of a string."""
-    return int(pair_id, 16)
 
 
 @dataclass
@@ -289,56 +267,10 @@ def unpaired_frame(rows: list[dict[str, Any]], tokenizer, pairing: DictConfig) -
     }).drop_duplicates("row_id")
 
 
-def string_bytes(table: pa.Table) -> np.ndarray:
-    """Bytes of text in each row of ``table`` (its string columns)."""
-    import pyarrow.compute as pc
-    sizes = np.zeros(table.num_rows, dtype=np.int64)
-    for column, field in zip(table.columns, table.schema):
-        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
-            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy().astype(np.int64)
-    return sizes
 
 
-class ParquetRows:
-    """A Parquet file written as its rows arrive, as ``DataFrame.to_parquet`` writes it whole (same schema
-    and pandas metadata, snappy), but in row groups of at most ``ROW_GROUP_ROWS`` rows, each ending at the
-    row where its text reaches ``ROW_GROUP_BYTES``. Groups are cut at the same rows whatever the frames
-    written, so the file does not depend on the batch size; one that fits in one group is byte for byte
-    the file ``to_parquet`` writes."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        import pyarrow.parquet as pq
-        self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema, compression="snappy")
-        self.held: list[pa.Table] = []
-
-    def write(self, frame: pd.DataFrame) -> None:
-        self.held.append(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
-        self.flush(final=False)
-
-    def flush(self, final: bool) -> None:
-        while self.held:
-            table = pa.concat_tables(self.held)
-            ends = np.cumsum(string_bytes(table))
-            cut = min(table.num_rows, ROW_GROUP_ROWS, int(np.searchsorted(ends, ROW_GROUP_BYTES)) + 1)
-            if not (final or cut < table.num_rows or cut == ROW_GROUP_ROWS or ends[cut - 1] >= ROW_GROUP_BYTES):
-                self.held = [table]  # the group is not full yet
-                return
-            self.writer.write_table(table.slice(0, cut).combine_chunks(), row_group_size=cut)
-            self.held = [table.slice(cut)] if cut < table.num_rows else []
-
-    def close(self) -> None:
-        self.flush(final=True)
-        self.writer.close()
 
 
-def frame_schema(frame: pd.DataFrame, strings: tuple[str, ...] = ()) -> pa.Schema:
-    """The Arrow schema (with pandas metadata) ``to_parquet`` gives the whole frame of which ``frame`` is a
-    part: a column named in ``strings`` holds text somewhere in the whole frame, even if null throughout here."""
-    probe = frame.iloc[:1].copy()
-    for name in strings:
-        probe[name] = "text"
-    return pa.Schema.from_pandas(probe, preserve_index=False)
 
 
 def changed(origin: str) -> UserError:
