@@ -45,7 +45,8 @@ Block = tuple  # ("h2"|"p"|"table"|"img"|"pre"|"links", payload)
 
 def make_figures(tables: dict[str, pd.DataFrame], figures_dir: Path,
                  settings: Settings = Settings()) -> dict[str, list[Path]]:
-    return {key: module.make(tables, figures_dir, settings) if module is study else module.make(tables, figures_dir)
+    guarded = (study, fig_after_diff)  # the figures that read the after-difference log-prob
+    return {key: module.make(tables, figures_dir, settings) if module in guarded else module.make(tables, figures_dir)
             for key, module, _, _ in FIGURES}
 
 

@@ -74,8 +74,9 @@ def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, base
             rows.append({"pair_id": f"p{i}", "bucket": bucket, "kind": "k", "policy_chosen_logp": ref_c + shift,
                          "policy_rejected_logp": ref_r + 2 * shift, "ref_chosen_logp": ref_c, "ref_rejected_logp": ref_r,
                          "rho_chosen": shift + 0.1 * i, "rho_rejected": 2 * shift - 0.1 * i, "margin": -shift,
-                         "reward_correct": bool(shift < 0 or i % 2), "chosen_after_diff_mean_logp": -0.4 + shift / 10,
+                         "reward_correct": bool(shift < 0 or i % 2), "chosen_after_diff_mean_logp": -0.4 + shift / 10 - 0.1 * i,
                          "ref_chosen_after_diff_mean_logp": -0.4, "chosen_logit_shift": shift / 2 + 0.05 * i,
+                         "chosen_after_diff_tokens": 1 if i == 2 else 10,  # p2: only end-of-turn after the edit
                          "rejected_logit_shift": shift - 0.05 * i})
         pd.DataFrame(rows).to_parquet(work / "preference_pairs.parquet", index=False)
         write_json(work / "preference.json", {"overall": {"reward_accuracy": 0.5, "n": 4},
@@ -350,7 +351,8 @@ def assert_plotted_values_match_the_tidy_table(tables):
     buckets = sorted(pairs["bucket"].unique(), key=lambda b: ["low", "high"].index(b) if b in ("low", "high") else 9)
     for label in pairs.loc[pairs["method"] != "reference", "label"].unique():
         for x, bucket in enumerate(buckets):
-            mine = pairs[(pairs["label"] == label) & (pairs["bucket"] == bucket)]["chosen_after_diff_mean_logp"].mean()
+            kept = pairs[(pairs["label"] == label) & (pairs["bucket"] == bucket) & (pairs["chosen_after_diff_tokens"] >= 3)]
+            mine = kept["chosen_after_diff_mean_logp"].mean()  # the default guard: >= 3 tokens after the difference
             assert heights[(label, x)] == pytest.approx(mine), (label, bucket)
     f2 = DRAWN["f2_logp_shift"]
     traj = tables["probes"]
