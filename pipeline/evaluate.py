@@ -346,6 +346,10 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
         preference = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
         document = scores_document(scores, settings, label)
         document["preference"] = preference
+        # what the scores depend on besides the suite: the data draw and, for a trained model, its run seed (data
+        # order); both are in the upstream keys, recorded here so a reader of scores.json alone sees them
+        data_seed = OmegaConf.select(cfg, "data.seed", default=None)
+        document["seeds"] = {"data": data_seed, **({"run": int(cfg.seed)} if label != "base" else {})}
         (workdir / "scores.json").write_text(json.dumps(document, indent=2, default=_json_number))
         extra["average"] = document["average"]
         return extra
