@@ -21,7 +21,8 @@ Artifact files of ``evaluate`` (``lm_eval`` holds ``lm_eval_results.json``, ``sa
 - ``lm_eval_results.json``: lm-eval's raw results (versions, n-shot, task configs, config incl. batch
   size, limit and seeds) plus ``prefopt_settings`` (chat template, few-shot seed, shots, limit, batch).
 - ``scores.json``: {"tasks": {task: {metric: value}}, "headline": {task: metric}, "average": plain
-  mean of the headline metrics, "settings": {...}, "model": "base" | "trained"}.
+  mean of the headline metrics, "settings": {...}, "model": "base" | "trained", "preference": {...},
+  "seeds": {"data": data.seed, "run": seed (trained models only: their data order)}}.
 - ``samples/<task>.jsonl``: lm-eval's logged samples (prompts, responses, per-item metrics).
 - ``preference.json`` / ``preference_pairs.parquet``: reward accuracy, margins and log-prob shifts on
   the held-out test pairs, from the reference artifact's cached per-token scores (never recomputed);
