@@ -92,7 +92,7 @@ def confound_sentence(by_bucket: dict[str, dict]) -> str:
         if not pd.isna(c["epochs"]):
             text += f", {c['epochs']:.2f} epochs ({int(c['steps'])} steps x {int(c['pairs_per_step'])} pairs)"
         if not pd.isna(c["chosen_tokens"]):
-            text += f", chosen answers {c['chosen_tokens']:.0f} tokens on average"
+            text += f", held-out chosen answers {c['chosen_tokens']:.0f} tokens on average"
         parts.append(text)
     return ("Buckets differ in more than edit distance (" + "; ".join(parts) + "): a difference between buckets "
             "is not attributable to edit distance alone.")
