@@ -53,7 +53,7 @@ test-dist: install ## Several real processes on CPU (gloo): DDP, FSDP, reference
 sweep: install ## Run a named sweep: make sweep [SWEEP=default] [ARGS="model=... eval=..."]
 	$(PY) -m pipeline sweep=$(SWEEP) $(ARGS)
 
-reproduce: install ## The Smaug study: DPO vs DPOP per edit-distance bucket, 3 seeds, report section S1 (about an hour on 2 CPU cores)
+reproduce: install ## The Smaug study: DPO vs DPOP per edit-distance bucket, 5 seeds, report section S1 (about an hour on 2 CPU cores)
 	$(PY) -m pipeline sweep=reproduce_smaug $(ARGS)
 
 smoke: install ## The whole chain on the tiny model (about a minute)

@@ -3,7 +3,9 @@
 Grouped bars per edit-distance bucket: the reference model, then each method (label),
 from the held-out pairs of preference_pairs.parquet. Smaug reports on MetaMath:
 reference -0.37, DPOP -0.26, DPO -1.82. Each job's value is the mean over its pairs;
-with several seeds the bar is the mean over seeds and the error bar one std.
+with several seeds the bar is the mean over seeds and the error bar one std. Pairs with fewer than
+``Settings.after_diff_min_tokens`` chosen tokens after the first difference are left out (as in S1), where
+the artifacts record that count.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import REFERENCE
+from analysis.inference import Settings
 from analysis.plotting import REFERENCE_COLOR, buckets_in_order, colors, nonempty, ordered_labels, plt, save, seed_stats
 
 NAME = "f3_after_diff_logp"
 POLICY, REF = "chosen_after_diff_mean_logp", "ref_chosen_after_diff_mean_logp"
 
 
-def after_diff_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def after_diff_table(tables: dict[str, pd.DataFrame], settings: Settings = Settings()) -> pd.DataFrame:
     """Columns label, bucket, mean, std, count (label "reference" = the reference model)."""
     pairs = tables["pairs"].assign(bucket=lambda d: d["bucket"].astype(str))
+    if "chosen_after_diff_tokens" in pairs:  # too little text after the edit to measure: no value
+        short = pairs["chosen_after_diff_tokens"].astype(float) < settings.after_diff_min_tokens
+        pairs = pairs.assign(**{column: pairs[column].where(~short) for column in (POLICY, REF) if column in pairs})
     trained = pairs[pairs["method"] != REFERENCE]
     per_job = trained.groupby(["job", "label", "bucket"], sort=False)[POLICY].mean().reset_index(name="value")
     rows = [seed_stats(per_job, ["label", "bucket"])]
@@ -38,10 +44,10 @@ def after_diff_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def make(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
+def make(tables: dict[str, pd.DataFrame], out_dir: Path, settings: Settings = Settings()) -> list[Path]:
     if not nonempty(tables, "pairs", "bucket", POLICY):
         return []
-    table = after_diff_table(tables).dropna(subset=["mean"])
+    table = after_diff_table(tables, settings).dropna(subset=["mean"])
     if table.empty:
         return []
     buckets = buckets_in_order(table["bucket"])

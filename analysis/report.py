@@ -20,6 +20,7 @@ from analysis import (fig_after_diff, fig_beta_lambda, fig_edit_distance, fig_lo
                       fig_logp_shift, leaderboard, paired, study)
 from analysis.collect import REFERENCE, collect, save_tables
 from analysis.collect import flatten as flatten_config
+from analysis.inference import Settings
 from analysis.leaderboard import markdown
 
 # (key, module, title, caption) in report order
@@ -42,8 +43,11 @@ FIGURES = (
 Block = tuple  # ("h2"|"p"|"table"|"img"|"pre"|"links", payload)
 
 
-def make_figures(tables: dict[str, pd.DataFrame], figures_dir: Path) -> dict[str, list[Path]]:
-    return {key: module.make(tables, figures_dir) for key, module, _, _ in FIGURES}
+def make_figures(tables: dict[str, pd.DataFrame], figures_dir: Path,
+                 settings: Settings = Settings()) -> dict[str, list[Path]]:
+    guarded = (study, fig_after_diff)  # the figures that read the after-difference log-prob
+    return {key: module.make(tables, figures_dir, settings) if module in guarded else module.make(tables, figures_dir)
+            for key, module, _, _ in FIGURES}
 
 
 def _rel(path: str | Path, base: Path) -> str:
@@ -80,7 +84,7 @@ def _common_config(jobs: pd.DataFrame) -> str:
 
 
 def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]], out_dir: Path,
-                 source: Path | str, table_files: list[Path]) -> list[Block]:
+                 source: Path | str, table_files: list[Path], settings: Settings = Settings()) -> list[Block]:
     jobs = tables["jobs"]
     trained = jobs[jobs["method"] != REFERENCE]
     failed = trained[trained["status"] == "failed"]
@@ -94,13 +98,13 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
         title = "Leaderboard (F6)" if name == "leaderboard" else "Preference metrics on held-out pairs"
         blocks += [("h2", title), ("table", rows)]
         if name == "leaderboard" and len(tables.get(paired.NAME, [])):
-            blocks += paired_blocks(tables[paired.NAME])
+            blocks += paired_blocks(tables[paired.NAME], settings)
     for key, _, title, caption in FIGURES:
         images = [p for p in figures.get(key, []) if p.suffix == ".png"]
         if images:
             blocks.append(("h2", f"{key}: {title}"))
             if key == "S1":
-                blocks += study_blocks(tables)
+                blocks += study_blocks(tables, settings)
             blocks += [("img", (_rel(p, out_dir), caption)) for p in images]
             others = [p for p in figures[key] if p.suffix != ".png"]
             blocks.append(("links", [(p.name, _rel(p, out_dir)) for p in others]))
@@ -116,24 +120,32 @@ def build_blocks(tables: dict[str, pd.DataFrame], figures: dict[str, list[Path]]
     return blocks
 
 
-def paired_blocks(table: pd.DataFrame) -> list[Block]:
+def paired_blocks(table: pd.DataFrame, settings: Settings = Settings()) -> list[Block]:
     """Each method against the base model on the same test items (analysis/paired.py)."""
     return [("h2", "Difference to the base model, item by item"),
             ("p", "Per test item, the method's lm-eval score minus the base model's on the same item (headline "
-                  "metric of each task; seeds averaged per item); mean, 95% Student-t interval and standard error "
-                  "over items, and the number of items that went up and down. An interval across 0: no change "
-                  "this many items can detect."),
-            ("table", paired.markdown_rows(table))]
+                  "metric of each task). Item level (one run's 0/1 scores; seeds averaged per item): items up / "
+                  "down, exact McNemar p (binomial test on the items that changed; the exact sign test when seeds "
+                  "are averaged) and its exact interval (Clopper-Pearson on the changed items), Holm-adjusted "
+                  "across the table. Run level (what the verdict uses): each seed's score difference, 95% Student-t "
+                  "interval over seeds, Holm-adjusted across the table, and the smallest difference the runs detect "
+                  f"(power 0.8, alpha 0.05). Non-inferiority margin: {settings.margin_score:g}."),
+            ("table", paired.markdown_rows(table))] + [("p", s) for s in paired.verdict(table, settings)]
 
 
-def study_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
-    """The study's table (95% intervals over held-out pairs) and its generated verdict (analysis/study.py)."""
+def study_blocks(tables: dict[str, pd.DataFrame], settings: Settings = Settings()) -> list[Block]:
+    """The study's table (run-level intervals, then pair and prompt level) and its verdict (analysis/study.py)."""
     table = tables["study"]  # computed once by write_report
-    return [("p", "Held-out pairs of the bucket each job trained on; each pair's value averaged over seeds; "
-                  "95% Student-t interval over pairs; seed min..max = range of the per-seed means. "
-                  "Quantities: after_diff_shift = mean log-prob per chosen token after the first differing token, "
-                  "minus the reference; chosen_shift / rejected_shift = summed log-prob minus the reference (nats)."),
-            ("table", study.markdown_rows(table))] + [("p", sentence) for sentence in study.verdict(table)]
+    return [("p", "Held-out pairs of the bucket each job trained on. Run level (what the verdicts use): each seed's "
+                  "mean over pairs, 95% Student-t interval over seeds, t-test p Holm-adjusted across the table, "
+                  "MDE = smallest effect these runs detect (power 0.8, alpha 0.05). Beside it, labelled: 95% "
+                  "intervals over pairs (each averaged over seeds) and over prompts (pairs of one prompt averaged "
+                  "first); both are blind to seed variance. Quantities: after_diff_shift = mean log-prob per chosen "
+                  "token after the first differing token, minus the reference, on pairs with at least "
+                  f"{settings.after_diff_min_tokens} such tokens; chosen_shift / rejected_shift = summed log-prob "
+                  "minus the reference (nats). Non-inferiority margins: "
+                  f"{settings.margin_after_diff:g} per token, {settings.margin_nats:g} nats."),
+            ("table", study.markdown_rows(table))] + [("p", sentence) for sentence in study.verdict(table, settings)]
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -175,30 +187,32 @@ def to_html(blocks: list[Block]) -> str:
             f"</head><body>\n{body}\n</body></html>\n")
 
 
-def write_report(tables: dict[str, pd.DataFrame], out_dir: Path | str, source: Path | str = "") -> Path:
+def write_report(tables: dict[str, pd.DataFrame], out_dir: Path | str, source: Path | str = "",
+                 settings: Settings = Settings()) -> Path:
     """Tables, figures and the report for already collected ``tables``; returns the path of report.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_files = save_tables(tables, out_dir / "tables")
-    tables = {**tables, paired.NAME: paired.paired_table(tables)}
+    tables = {**tables, paired.NAME: paired.paired_table(tables, settings)}
     if len(tables[paired.NAME]):
         tables[paired.NAME].to_csv(out_dir / "tables" / f"{paired.NAME}.csv", index=False)
         table_files.append(out_dir / "tables" / f"{paired.NAME}.csv")
     if study.applies(tables):
-        tables = {**tables, "study": study.study_table(tables)}
+        tables = {**tables, "study": study.study_table(tables, settings)}
         tables["study"].to_csv(out_dir / "tables" / "study.csv", index=False)
         table_files.append(out_dir / "tables" / "study.csv")
-    figures = make_figures(tables, out_dir / "figures")
-    blocks = build_blocks(tables, figures, out_dir, source, table_files)
+    figures = make_figures(tables, out_dir / "figures", settings)
+    blocks = build_blocks(tables, figures, out_dir, source, table_files, settings)
     (out_dir / "report.html").write_text(to_html(blocks))
     report = out_dir / "report.md"
     report.write_text(to_markdown(blocks))
     return report
 
 
-def generate(source: Path | str, out_dir: Path | str | None = None, store: Path | str | None = None) -> Path:
+def generate(source: Path | str, out_dir: Path | str | None = None, store: Path | str | None = None,
+             settings: Settings = Settings()) -> Path:
     """Collect a run or sweep dir and write everything into ``out_dir`` (default ``<source>/report``);
     ``store``: the artifact store's root when it moved away from its run folders."""
     source = Path(source)
     tables = collect(source, store)
-    return write_report(tables, Path(out_dir) if out_dir else source / "report", source)
+    return write_report(tables, Path(out_dir) if out_dir else source / "report", source, settings)

@@ -74,8 +74,9 @@ def make_eval(root: Path, tag: str, scores: dict[str, float], shift: float, base
             rows.append({"pair_id": f"p{i}", "bucket": bucket, "kind": "k", "policy_chosen_logp": ref_c + shift,
                          "policy_rejected_logp": ref_r + 2 * shift, "ref_chosen_logp": ref_c, "ref_rejected_logp": ref_r,
                          "rho_chosen": shift + 0.1 * i, "rho_rejected": 2 * shift - 0.1 * i, "margin": -shift,
-                         "reward_correct": bool(shift < 0 or i % 2), "chosen_after_diff_mean_logp": -0.4 + shift / 10,
+                         "reward_correct": bool(shift < 0 or i % 2), "chosen_after_diff_mean_logp": -0.4 + shift / 10 - 0.1 * i,
                          "ref_chosen_after_diff_mean_logp": -0.4, "chosen_logit_shift": shift / 2 + 0.05 * i,
+                         "chosen_after_diff_tokens": 1 if i == 2 else 10,  # p2: only end-of-turn after the edit
                          "rejected_logit_shift": shift - 0.05 * i})
         pd.DataFrame(rows).to_parquet(work / "preference_pairs.parquet", index=False)
         write_json(work / "preference.json", {"overall": {"reward_accuracy": 0.5, "n": 4},
@@ -350,7 +351,8 @@ def assert_plotted_values_match_the_tidy_table(tables):
     buckets = sorted(pairs["bucket"].unique(), key=lambda b: ["low", "high"].index(b) if b in ("low", "high") else 9)
     for label in pairs.loc[pairs["method"] != "reference", "label"].unique():
         for x, bucket in enumerate(buckets):
-            mine = pairs[(pairs["label"] == label) & (pairs["bucket"] == bucket)]["chosen_after_diff_mean_logp"].mean()
+            kept = pairs[(pairs["label"] == label) & (pairs["bucket"] == bucket) & (pairs["chosen_after_diff_tokens"] >= 3)]
+            mine = kept["chosen_after_diff_mean_logp"].mean()  # the default guard: >= 3 tokens after the difference
             assert heights[(label, x)] == pytest.approx(mine), (label, bucket)
     f2 = DRAWN["f2_logp_shift"]
     traj = tables["probes"]
@@ -449,27 +451,37 @@ def test_paired_difference_to_the_base_model_by_hand(tmp_path):
         {"method": "dpop", "lambda_": 50, "slope": 0.25, "seed": 0, "scores": {"arith_mc": 0.75, "arith_gen": 0.1},
          "items": {"arith_mc": [1, 1, 1, 0, 1, 1, 1, 0]}},
         {"method": "dpop", "lambda_": 50, "slope": 0.25, "seed": 1, "scores": {"arith_mc": 0.75, "arith_gen": 0.1},
-         "items": {"arith_mc": [1, 1, 1, 0, 1, 1, 0, 1]}},
+         "items": {"arith_mc": [1, 1, 1, 0, 1, 0, 0, 1]}},
     ]
     sweep_dir, made = make_sweep(tmp_path, jobs, base_items={"arith_mc": base, "arith_gen": [1, 0, 0, 0]})
     table = paired.paired_table(collect(sweep_dir)).set_index("label")
     assert list(table.index) == ["dpo", "dpop"] and set(table["task"]) == {"arith_mc"}  # no trained arith_gen items
-    # DPOP: seeds averaged per item -> [1,1,1,0,1,1,.5,.5]; d = [0,0,0,-1,1,1,.5,.5], mean 0.25,
-    # sum of squared deviations 3.0, sd sqrt(3/7) = 0.654654, se / sqrt(8) = 0.231455, t(0.975, 7) = 2.364624
+    # DPOP: seeds averaged per item -> [1,1,1,0,1,.5,.5,.5]; d = [0,0,0,-1,1,.5,.5,.5], mean 0.1875,
+    # squared deviations 2.46875, se sqrt(2.46875 / 7 / 8) = 0.209964; 4 up, 1 down: sign test 2 * 6/32 = 0.375
     dpop = table.loc["dpop"]
     assert (dpop["items"], dpop["seeds"], dpop["up"], dpop["down"]) == (8, 2, 4, 1)
-    assert (dpop["base"], dpop["score"], dpop["difference"]) == pytest.approx((0.5, 0.75, 0.25))
-    assert dpop["se"] == pytest.approx(0.231455, abs=1e-6)
-    assert (dpop["ci_low"], dpop["ci_high"]) == pytest.approx((0.25 - 0.547306, 0.25 + 0.547306), abs=1e-5)
+    assert (dpop["base"], dpop["score"], dpop["difference"]) == pytest.approx((0.5, 0.6875, 0.1875))
+    assert dpop["se"] == pytest.approx(0.209964, abs=1e-6)
+    assert dpop["item_p"] == pytest.approx(0.375) and np.isnan(dpop["exact_low"])  # averaged scores: no 0/1 interval
+    # run level: seed 0 differs by 2/8 = 0.25, seed 1 by 1/8 = 0.125; mean 0.1875, se 0.125 / 2 = 0.0625,
+    # t(0.975, 1) = 12.706205; t = 3 with 1 df (Cauchy): p = 1 - 2 atan(3) / pi = 0.204833
+    assert (dpop["run_low"], dpop["run_high"]) == pytest.approx((0.1875 - 0.794138, 0.1875 + 0.794138), abs=1e-5)
+    assert dpop["run_p"] == pytest.approx(1 - 2 * np.arctan(3) / np.pi, rel=1e-9)
     assert dpop["base_key"] == made["base"].key
     assert dpop["artifact_keys"] == " ".join(sorted([made[1]["evaluate"].key, made[2]["evaluate"].key]))
-    # DPO: d = [-1,-1,0,0,0,0,0,0], mean -0.25, squared deviations 1.5, se sqrt(1.5/7)/sqrt(8) = 0.163663
+    # DPO (one run, 0/1 scores): d = [-1,-1,0,0,0,0,0,0], 0 up 2 down: exact McNemar 2 * 0.25 = 0.5;
+    # Clopper-Pearson for 0 of 2: [0, 1 - 0.025 ** 0.5], mapped by (2 theta - 1) * 2 / 8
     dpo = table.loc["dpo"]
     assert (dpo["up"], dpo["down"], dpo["difference"]) == (0, 2, pytest.approx(-0.25))
-    assert dpo["se"] == pytest.approx(0.163663, abs=1e-6)
-    assert (dpo["ci_low"], dpo["ci_high"]) == pytest.approx((-0.25 - 0.387003, -0.25 + 0.387003), abs=1e-5)
+    assert dpo["item_p"] == pytest.approx(0.5)
+    assert (dpo["exact_low"], dpo["exact_high"]) == pytest.approx((-0.25, (1 - 2 * 0.025 ** 0.5) * 0.25), rel=1e-9)
+    assert np.isnan(dpo["run_low"]) and np.isnan(dpo["run_p"])  # one run: no run-level interval
+    # Holm over the table's two item tests: 2 * 0.375 = 0.75, then max(0.75, 1 * 0.5) = 0.75
+    assert list(table["item_p_holm"]) == pytest.approx([0.75, 0.75])
     report = generate(sweep_dir).read_text()
     assert "Difference to the base model, item by item" in report
-    assert "| dpop | arith_mc (acc) | 8 | 0.500 | 0.750 | +0.250 [-0.297, +0.797] (se 0.231) | 4 / 1 | 2 |" in report
+    assert "| dpop | arith_mc (acc) | 8 | 0.500 | 0.688 | +0.188 | 4 / 1 | 0.375 (0.75) | [-0.607, +0.982] (0.205) |" in report
+    assert "dpo on arith_mc (-0.250, 0 items up / 2 down): one run, so no verdict about the method" in report
+    assert "dpop on arith_mc (+0.188, 4 items up / 1 down): no change shown, non-inferiority at -0.03 not shown" in report
     written = pd.read_csv(sweep_dir / "report" / "tables" / f"{paired.NAME}.csv")
     assert list(written["label"]) == ["dpo", "dpop"]

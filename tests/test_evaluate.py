@@ -97,6 +97,10 @@ def test_baseline_is_recorded_with_zero_shift(trained_run):
     assert table["policy_rejected_logp"].tolist() == scored.seq_logps("rejected").tolist()
     assert (table["rho_chosen"] == 0).all() and (table["rho_rejected"] == 0).all()
     assert json.loads((baseline / "scores.json").read_text())["model"] == "base"
+    # the seeds the scores depend on: the data draw for both, the run seed (data order) for the trained model only
+    assert json.loads((baseline / "scores.json").read_text())["seeds"] == {"data": cfg.data.seed}
+    trained = json.loads((artifact_of(record, "evaluate") / "scores.json").read_text())
+    assert trained["seeds"] == {"data": cfg.data.seed, "run": record["config"]["seed"]}
 
 
 def test_multiple_choice_accuracy_matches_a_direct_forward(trained_run):

@@ -27,6 +27,8 @@ TRAJECTORY_COLUMNS = {  # trajectories.jsonl field -> pair_table column
     "chosen_after_diff_mean_logp": "chosen_after_diff_mean_logp",
     "ref_chosen_after_diff_mean_logp": "ref_chosen_after_diff_mean_logp",
     "chosen_logit_shift": "chosen_logit_shift", "rejected_logit_shift": "rejected_logit_shift",
+    # how many tokens the after-diff mean rests on, and the answer length (the analysis guards and reports both)
+    "chosen_after_diff_tokens": "chosen_after_diff_tokens", "chosen_tokens": "chosen_tokens",
 }
 
 

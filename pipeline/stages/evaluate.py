@@ -21,7 +21,8 @@ Artifact files of ``evaluate`` (``lm_eval`` holds ``lm_eval_results.json``, ``sa
 - ``lm_eval_results.json``: lm-eval's raw results (versions, n-shot, task configs, config incl. batch
   size, limit and seeds) plus ``prefopt_settings`` (chat template, few-shot seed, shots, limit, batch).
 - ``scores.json``: {"tasks": {task: {metric: value}}, "headline": {task: metric}, "average": plain
-  mean of the headline metrics, "settings": {...}, "model": "base" | "trained"}.
+  mean of the headline metrics, "settings": {...}, "model": "base" | "trained", "preference": {...},
+  "seeds": {"data": data.seed, "run": seed (trained models only: their data order)}}.
 - ``samples/<task>.jsonl``: lm-eval's logged samples (prompts, responses, per-item metrics).
 - ``preference.json`` / ``preference_pairs.parquet``: reward accuracy, margins and log-prob shifts on
   the held-out test pairs, from the reference artifact's cached per-token scores (never recomputed);
@@ -346,6 +347,10 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
         preference = preference_outputs(cfg, model, tokenizer, pair, reference, label == "base", workdir)["overall"]
         document = scores_document(scores, settings, label)
         document["preference"] = preference
+        # what the scores depend on besides the suite: the data draw and, for a trained model, its run seed (data
+        # order); both are in the upstream keys, recorded here so a reader of scores.json alone sees them
+        data_seed = OmegaConf.select(cfg, "data.seed", default=None)
+        document["seeds"] = {"data": data_seed, **({"run": int(cfg.seed)} if label != "base" else {})}
         (workdir / "scores.json").write_text(json.dumps(document, indent=2, default=_json_number))
         extra["average"] = document["average"]
         return extra
