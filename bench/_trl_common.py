@@ -1,7 +1,9 @@
 """TRL DPOTrainer setup shared by the benchmarks (train_vs_trl.py, sweep_cost.py).
 
 One place for the settings that make a TRL run comparable to ours: AdamW, linear decay, no warm-up,
-clipping 1.0, fp32 on CPU, no logging or checkpoints, one process. Needs the bench extra (trl).
+clipping 1.0, fp32 on CPU, no logging or checkpoints, one process, gradient checkpointing OFF (TRL 1.16's
+DPOConfig turns it on by default; our SmolLM2 and tiny presets train without it, and recomputing the
+activations would cost TRL a second forward through every layer). Needs the bench extra (trl).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class TrlResult:
     reference_rows: int     # sequences that went through the separate reference model's forward
     policy_tokens: int = 0  # positions (padding included) through the policy's forwards during train()
     reference_tokens: int = 0  # positions through the reference model's forwards (precomputation included)
+    gradient_checkpointing: bool = False  # what TRL's policy model really ran with
 
 
 def quiet() -> None:
@@ -31,17 +34,22 @@ def quiet() -> None:
 
 
 def dpo_config(out: Path, *, batch: int, max_length: int, beta: float, loss_type: str, lr: float = 5e-6,
-               precompute: bool = False, max_steps: int | None = None, bf16: bool = False):
-    """DPOConfig matching our trainer's defaults in the benchmarks; ``max_steps=None`` means one epoch."""
+               precompute: bool = False, max_steps: int | None = None, bf16: bool = False,
+               gradient_checkpointing: bool = False, warmup: float = 0):
+    """DPOConfig matching our trainer's defaults in the benchmarks; ``max_steps=None`` means one epoch.
+
+    ``gradient_checkpointing`` must equal the model preset's ``model.gradient_checkpointing`` (false for
+    smollm2_135m and tiny) so both sides do the same work; ``warmup`` is TRL's ``warmup_steps`` (a float
+    below 1 is a ratio, the same as our ``train.warmup_ratio``)."""
     from trl import DPOConfig
 
     return DPOConfig(
         output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=1,
         max_steps=-1 if max_steps is None else max_steps, learning_rate=lr,
-        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0,
+        lr_scheduler_type="linear", warmup_steps=warmup, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0,
         beta=beta, loss_type=[loss_type], max_length=max_length, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=batch, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
-        bf16=bf16, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        bf16=bf16, seed=0, disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=gradient_checkpointing)
 
 
 def run_trl(model_dir: Path, pairs, config, out: Path, time_construction: bool = True) -> TrlResult:
@@ -81,6 +89,11 @@ def run_trl(model_dir: Path, pairs, config, out: Path, time_construction: bool =
     trainer.train()
     trainer.save_model(str(out / "final"))
     seconds = time.perf_counter() - started
+    # train() switches it on (TRL 1.16's default): check what really ran, not what was asked for.
+    checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
+    if checkpointing != bool(config.gradient_checkpointing):
+        raise RuntimeError(f"TRL trained with gradient checkpointing {checkpointing}, the config asked for "
+                           f"{config.gradient_checkpointing}: the comparison would not be on equal terms")
     for handle in handles:
         handle.remove()
-    return TrlResult(seconds, counts["rows"], counts["policy"], counts["reference"])
+    return TrlResult(seconds, counts["rows"], counts["policy"], counts["reference"], checkpointing)

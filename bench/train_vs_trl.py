@@ -8,7 +8,8 @@
 
 Both sides: the same model, the same training pairs (split == train of the generated data; ``--sets low``
 or ``high`` keeps one edit-distance bucket), batch 4, max length 256, AdamW with linear decay, no warm-up,
-clipping 1.0, DPO beta 0.1, one epoch, one process, fp32 master weights; ``--precisions`` fp32 and bf16
+clipping 1.0, DPO beta 0.1, one epoch, one process, fp32 master weights, gradient checkpointing as the
+model preset says on both sides (off for SmolLM2 and tiny; TRL 1.16 defaults to on); ``--precisions`` fp32 and bf16
 autocast for BOTH sides (TRL ``bf16=True``, ours ``train.precision=bf16``).
 
 (a) reference on the fly, end to end from the model directory to the saved model. Ours: the reference
@@ -88,10 +89,10 @@ def time_ours(cfg, stages: list[str]) -> tuple[float, dict]:
     return seconds, json.loads((run.artifacts["train"].path / "summary.json").read_text())
 
 
-def time_trl(model_dir: Path, pairs, args, precision: str, precompute: bool, out: Path):
+def time_trl(model_dir: Path, pairs, args, precision: str, precompute: bool, out: Path, checkpointing: bool):
     quiet()
     config = dpo_config(out, batch=args.batch, max_length=args.max_length, beta=0.1, loss_type="sigmoid",
-                        precompute=precompute, bf16=precision == "bf16")
+                        precompute=precompute, bf16=precision == "bf16", gradient_checkpointing=checkpointing)
     return run_trl(model_dir, pairs, config, out, time_construction=not precompute)  # (b): construction untimed
 
 
@@ -133,6 +134,7 @@ def throughput(args, tmp: Path, data_set: str, precision: str, table: list[str])
     print(f"{args.model}, set {data_set}: {n} training pairs, batch {args.batch}, max_length {args.max_length}, "
           f"{precision}, one epoch\n{layout_stats(run, train_pairs, args)}", flush=True)
     model_dir = run.artifacts["model"].path / "model"
+    checkpointing = bool(run.cfg.model.gradient_checkpointing)  # TRL gets the preset's setting (its default is on)
     times: dict[str, list[float]] = {}
     positions: dict[str, float] = {}
     for repeat in range(args.repeats):
@@ -143,7 +145,8 @@ def throughput(args, tmp: Path, data_set: str, precision: str, table: list[str])
             seconds, summary = time_ours(compose_cfg(root, *overrides(args, data_set, precision)), stages)
             times.setdefault(f"ours_{case}", []).append(seconds)
             positions["ours"] = summary["positions_computed"] / summary["train_pairs"]
-            result = time_trl(model_dir, train_pairs, args, precision, case == "b", Path(tempfile.mkdtemp(dir=tmp)))
+            result = time_trl(model_dir, train_pairs, args, precision, case == "b", Path(tempfile.mkdtemp(dir=tmp)),
+                              checkpointing)
             times.setdefault(f"trl_{case}", []).append(result.seconds)
             positions["trl"] = result.policy_tokens / n
             positions[f"trl_reference_{case}"] = result.reference_tokens / n

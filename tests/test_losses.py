@@ -126,6 +126,20 @@ def test_ipo_values_summed_and_averaged():
     assert value("ipo", avg, beta=0.1) == pytest.approx(9.0, abs=1e-6)  # default: averaged
 
 
+def test_ipo_rewards_are_trls_tau_times_summed_log_ratio():
+    """TRL logs beta * (summed) log-ratio for IPO too. rho_w = 4 over 8 tokens, rho_l = 3 over 2 (hand-derived):
+    summed rewards 0.4 > 0.3 (accuracy 1), while the averaged scale (0.05 < 0.15) would give accuracy 0."""
+    inp = pairs([-6.0], [-9.0], [-10.0], [-12.0], len_w=8, len_l=2)
+    for average in (True, False):
+        out = LOSSES["ipo"](inp, {"beta": 0.1, "average_log_ratios": average})
+        assert out.metrics["rewards/chosen"].item() == pytest.approx(0.4, abs=1e-9)
+        assert out.metrics["rewards/rejected"].item() == pytest.approx(0.3, abs=1e-9)
+        assert out.metrics["rewards/margins"].item() == pytest.approx(0.1, abs=1e-9)
+        assert out.metrics["rewards/accuracies"].item() == 1.0
+    # the loss itself still uses the averaged h: (0.5 - 1.5 - 5)^2 = 36
+    assert value("ipo", inp, beta=0.1) == pytest.approx(36.0, abs=1e-9)
+
+
 GRAD_CONFIGS = {
     "dpo": {"beta": 0.3}, "dpop": {"beta": 0.3, "lambda_": 5.0}, "ipo": {"beta": 0.1},
     "cdpo": {"beta": 0.2, "epsilon": 0.1}, "robust_dpo": {"beta": 0.2, "epsilon": 0.2}, "hinge": {"beta": 0.05},

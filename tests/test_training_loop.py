@@ -132,9 +132,38 @@ def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path, eleven_
 
 # ------------------------------------------------------------------ schedule and decay groups
 
-def test_warmup_is_rounded_up():
+@pytest.mark.parametrize("total,ratio,schedule", [
+    (16, 0.1, "linear"), (10, 0.3, "linear"), (10, 0.1, "cosine"), (7, 0.5, "cosine"),
+    (16, 0.25, "constant"), (5, 0.0, "linear"), (12, 0.99, "cosine"), (3, 0.2, "constant"), (100, 0.07, "linear")])
+def test_lr_per_step_equals_transformers_get_scheduler(total, ratio, schedule):
+    """Every step's lr equals what TRL/HF would use: warm-up count from TrainingArguments (a ratio
+    passed as TRL's float ``warmup_steps``), then transformers.get_scheduler (step 0 of a warm-up has lr 0)."""
+    from omegaconf import OmegaConf
+    from transformers import TrainingArguments, get_scheduler
+
+    from pipeline.training_loop import build_optimizer
+
+    cfg = OmegaConf.create({"lr": 3e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8,
+                            "warmup_ratio": ratio, "schedule": schedule})
+    ours_optimizer, ours = build_optimizer(torch.nn.Linear(2, 2), cfg, total)
+    hf_warmup = TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(total)
+    hf_optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=3e-4)
+    hf_name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+    hf = get_scheduler(hf_name, hf_optimizer, num_warmup_steps=hf_warmup, num_training_steps=total)
+    for step in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-18), (step, hf_warmup)
+        ours_optimizer.step(), ours.step(), hf_optimizer.step(), hf.step()
+    if ratio > 0:
+        assert warmup_steps(ratio, total) == hf_warmup > 0
+
+
+def test_warmup_first_step_has_lr_zero_and_rounds_up():
+    """16 steps at 0.1: 2 warm-up steps with lr 0 and peak/2 (hand-derived); 100 x 0.07 rounds as floats do (8)."""
     assert warmup_steps(0.1, 16) == 2 and warmup_steps(0.1, 10) == 1 and warmup_steps(0, 16) == 0
-    assert warmup_steps(0.25, 8) == 2
+    assert warmup_steps(0.25, 8) == 2 and warmup_steps(0.07, 100) == 8
+    from pipeline.training_loop import lr_factor
+    assert [lr_factor(s, 16, 2, "linear") for s in range(3)] == [0.0, 0.5, 1.0]
+    assert lr_factor(9, 16, 2, "linear") == pytest.approx(1 - 7 / 14)
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_model_artifact, tiny_model_cfg):

@@ -228,11 +228,13 @@ def ipo_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
 
     ``average_log_ratios: true`` (default) builds h from per-token averaged log-ratios rho/|y|, as TRL's
     ``loss_type="ipo"`` does; the paper's h uses sequence sums (``false``), whose scale grows with length
-    against a fixed 1/(2 tau) target. Rewards are ``beta * rho`` on the same (averaged or summed) scale.
+    against a fixed 1/(2 tau) target. Rewards are TRL's ``beta * rho`` with rho the SUMMED log-ratio, whichever
+    scale h uses (TRL's DPOTrainer logs the same ``rewards/*`` for every loss type).
     """
     tau = _param(cfg, "beta")
-    rho_w, rho_l = _log_ratios(inp, "ipo", average=bool(cfg.get("average_log_ratios", True)))
-    losses = (rho_w - rho_l - 1 / (2 * tau)) ** 2
+    h_w, h_l = _log_ratios(inp, "ipo", average=bool(cfg.get("average_log_ratios", True)))
+    losses = (h_w - h_l - 1 / (2 * tau)) ** 2
+    rho_w, rho_l = _log_ratios(inp, "ipo")
     return LossOutput(losses.mean(), _metrics(inp, tau * rho_w, tau * rho_l))
 
 

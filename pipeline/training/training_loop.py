@@ -79,27 +79,30 @@ def total_steps(max_steps: int | None, epochs: float, micro_per_epoch: int, grad
 # ----------------------------------------------------------------------------- optimiser and schedule
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak lr for optimiser step ``step`` (0-based).
+    """Multiplier of the peak lr for optimiser step ``step`` (0-based), as transformers' schedulers compute it.
 
-    Warm-up rises linearly to 1 at step ``warmup - 1`` (the first step already moves, unlike HF's
-    schedule whose step 0 has lr 0); then ``linear`` or ``cosine`` decay towards 0 after the last
-    step, or ``constant``.
+    Warm-up rises linearly from 0: step ``s < warmup`` has ``s / warmup`` (so the first step has lr 0 and
+    the peak is reached at step ``warmup``), exactly as ``transformers.get_scheduler`` with
+    ``linear``, ``cosine`` or ``constant_with_warmup`` (our ``constant``). After it, ``linear`` and
+    ``cosine`` decay towards 0 at step ``total``; ``constant`` stays at 1. Same maths as HF, so a
+    prefopt run and a TRL run with the same settings use the same lr at every step.
     """
     if step < warmup:
-        return (step + 1) / warmup
+        return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     if schedule == "linear":
-        return 1.0 - progress
+        return max(0.0, 1.0 - progress)
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"train.schedule={schedule!r}")
 
 
 def warmup_steps(ratio: float, total: int) -> int:
-    """Warm-up steps, rounded UP: 16 steps at ratio 0.1 warm up for 2 (HF's ``ceil(ratio * total)``)."""
-    return math.ceil(float(ratio) * total - 1e-9)
+    """Warm-up steps ``ceil(total * ratio)``, HF's rounding (``TrainingArguments.get_warmup_steps``) for a ratio
+    below 1: 16 steps at 0.1 warm up for 2; 100 steps at 0.07 for 8 (100 * 0.07 is 7.000000000000001 in floats)."""
+    return math.ceil(total * float(ratio))
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
