@@ -24,7 +24,7 @@ from train_vs_trl import BUCKET, compose_cfg, overrides  # noqa: E402  (bench/ i
 
 from _trl_common import dpo_config, quiet  # noqa: E402
 
-from pipeline.orchestrate import Run  # noqa: E402
+from pipeline.orchestration.orchestrate import Run  # noqa: E402
 
 
 def padded_positions(lengths: list[int], order, batch: int) -> float:
@@ -43,7 +43,7 @@ def measure(args, data_set: str, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from pipeline.batching import encode_pair
+    from pipeline.modeling.batching import encode_pair
 
     run = Run(compose_cfg(tmp / f"store-{data_set}", *overrides(args, data_set, "fp32")), tmp / "run")
     for stage in ("model", "pair"):

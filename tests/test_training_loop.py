@@ -141,7 +141,7 @@ def test_lr_per_step_equals_transformers_get_scheduler(total, ratio, schedule):
     from omegaconf import OmegaConf
     from transformers import TrainingArguments, get_scheduler
 
-    from pipeline.training_loop import build_optimizer
+    from pipeline.training.training_loop import build_optimizer
 
     cfg = OmegaConf.create({"lr": 3e-4, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8,
                             "warmup_ratio": ratio, "schedule": schedule})
@@ -161,7 +161,7 @@ def test_warmup_first_step_has_lr_zero_and_rounds_up():
     """16 steps at 0.1: 2 warm-up steps with lr 0 and peak/2 (hand-derived); 100 x 0.07 rounds as floats do (8)."""
     assert warmup_steps(0.1, 16) == 2 and warmup_steps(0.1, 10) == 1 and warmup_steps(0, 16) == 0
     assert warmup_steps(0.25, 8) == 2 and warmup_steps(0.07, 100) == 8
-    from pipeline.training_loop import lr_factor
+    from pipeline.training.training_loop import lr_factor
     assert [lr_factor(s, 16, 2, "linear") for s in range(3)] == [0.0, 0.5, 1.0]
     assert lr_factor(9, 16, 2, "linear") == pytest.approx(1 - 7 / 14)
 

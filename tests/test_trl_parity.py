@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.orchestrate import Run
+from pipeline.orchestration.orchestrate import Run
 from tests.conftest import REPO_ROOT, compose_config
 
 pytestmark = pytest.mark.slow
@@ -82,8 +82,8 @@ def trl_train(model_dir: Path, pairs, method: str, out: Path):
 def test_four_steps_equal_trl(tmp_path, method):
     import pandas as pd
 
-    from pipeline.batching import encode_pair
-    from pipeline.training_loop import MicroBatchStream
+    from pipeline.modeling.batching import encode_pair
+    from pipeline.training.training_loop import MicroBatchStream
 
     root = ours(tmp_path / "artifacts", write_pairs(tmp_path / "pairs.jsonl", 20), method)
     model_dir = next((root / "model").glob("*/model"))
