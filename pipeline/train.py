@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import Artifact
-from pipeline.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
+from pipeline.checkpointing import (CHECKPOINT_DIR, load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint,
                                     truncate_jsonl)
 from pipeline.distributed import build_shared, process_state
 from pipeline import sharding
@@ -114,8 +114,9 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         subset["processes"] = state.num_processes
     inputs = {name: upstream[name] for name in UPSTREAM}
     # Every rank trains; only the main one holds the lock and writes the artifact.
+    # A leftover partial folder keeps only what a resume reads; anything else in it is deleted, never published.
     return build_shared(root, STAGE, subset, inputs, lambda workdir: train(cfg, upstream, Path(workdir)),
-                        resumable=True)
+                        resumable=(CHECKPOINT_DIR, METRICS_FILE, TRAJECTORIES_FILE))
 
 
 def use_cpu() -> bool:
