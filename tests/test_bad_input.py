@@ -95,12 +95,23 @@ def bad_file(schema: str, case: str) -> tuple[str, bytes, str]:
     if case == "duplicated_column":  # a CSV whose header names a column twice
         header = "prompt,chosen,rejected,rejected\n" if schema == "prompt_chosen_rejected" else None
         return "data.csv", (header + "two plus two,four,five,six\n").encode(), "more than once"
+    if case == "lone_surrogate":  # an escaped UTF-16 half with no partner: no Unicode text, cannot be stored
+        return "data.jsonl", jsonl(rows[:1]) + b'{"prompt": "p", "chosen": "a\\udc00", "rejected": "b"}\n', "line 2"
+    if case == "duplicated_parquet_column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        buffer = pa.BufferOutputStream()
+        table = pa.Table.from_arrays([pa.array(["q"]), pa.array(["a"]), pa.array(["b"]), pa.array(["c"])],
+                                     names=["prompt", "chosen", "rejected", "rejected"])
+        pq.write_table(table, buffer)
+        return "data.parquet", buffer.getvalue().to_pybytes(), "more than once"
     raise ValueError(case)
 
 
 DATA_CASES = [(schema, case) for schema in ROWS
               for case in ("empty", "truncated", "non_utf8", "wrong_type", "missing_column", "nan")]
-DATA_CASES.append(("prompt_chosen_rejected", "duplicated_column"))
+DATA_CASES += [("prompt_chosen_rejected", case) for case in ("duplicated_column", "lone_surrogate",
+                                                              "duplicated_parquet_column")]
 
 
 @pytest.mark.parametrize("schema,case", DATA_CASES, ids=[f"{s}-{c}" for s, c in DATA_CASES])
