@@ -44,6 +44,7 @@ from pipeline.readers import Source, open_hub, open_local
 from pipeline.artifacts import Artifact, build
 from pipeline.distance import bucket_columns, distances_and_buckets, edit_distances, fallback_tokenize, hf_tokenize
 from pipeline.errors import UserError
+from pipeline.input_guard import require_content
 from pipeline.hub_revision import resolve_revision
 
 STAGE = "pair"
@@ -451,8 +452,12 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     subset = resolved_subset(cfg)
     model_upstream = {"model": upstream["model"]} if "model" in upstream else {}
 
+    fingerprint = subset["data"]["path"] if subset["data"].get("source") == "local" else None
+
     def compute(workdir: Path) -> dict[str, Any]:
         data, pairing = cfg.data, cfg.pairing
+        if fingerprint:  # hashed before the lock: the file may have been rewritten while this run waited
+            require_content(data.path, fingerprint, "after the key was computed, before it was read")
         revision = subset["data"].get("revision")
         stream, extras = open_records(data, revision)
         tokenizer = load_tokenizer_of(model_upstream)
@@ -507,6 +512,8 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
                                 for name in DISTANCES},
         })
         (workdir / "stats.json").write_text(json.dumps(stats, indent=2, default=int))
+        if fingerprint:
+            require_content(data.path, fingerprint, "while the pair stage read it")
         return {"pairs": len(frame), "schema": stats["schema"]}
 
     return build(root, STAGE, subset, model_upstream, compute)
