@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.adapters import AdaptedStream
 from pipeline.readers import Source, open_hub, open_local
 from pipeline.artifacts import Artifact, build
+from pipeline.artifact_reads import read_artifact_file
 from pipeline.distance import bucket_columns, distances_and_buckets, edit_distances, fallback_tokenize, hf_tokenize
 from pipeline.errors import UserError
 from pipeline.input_guard import require_content
@@ -521,5 +522,5 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
 
 def load_pairs(artifact: Artifact, split: str | None = None) -> pd.DataFrame:
     """The pairs of a pair artifact, optionally one split ("train" or "test")."""
-    frame = pd.read_parquet(artifact.path / "pairs.parquet")
+    frame = read_artifact_file(artifact.path / "pairs.parquet", pd.read_parquet)
     return frame if split is None else frame[frame["split"] == split].reset_index(drop=True)

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from pipeline.artifact_reads import read_artifact_file
 from pipeline.artifacts import Artifact
 from pipeline.batching import check_token_budget
 from pipeline import unpaired
@@ -60,7 +61,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     from pipeline.models import load_causal_lm, load_tokenizer
 
     pair = upstream["pair"]
-    pairs = pd.read_parquet(Path(pair.path) / PAIRS_FILE)  # every split: probes and evaluation need test pairs
+    pairs = read_artifact_file(Path(pair.path) / PAIRS_FILE, pd.read_parquet)  # every split: probes and evaluation need test pairs
     one_sided = unpaired.load_rows(pair.path)  # None unless data.schema=unpaired
     subset = {**config_subset(cfg), "scored_text": scored_text_hash(pairs)}
     if one_sided is not None:  # absent key otherwise: paired setups keep their keys
@@ -123,13 +124,13 @@ def token_stats(scored: ScoredPairs, eos_id: int) -> dict[str, int]:
 
 def load_reference(artifact: Artifact) -> ScoredPairs:
     """The reference scores of a reference artifact (rows in pairs.parquet order, ids in ``.pair_ids``)."""
-    return ScoredPairs.load(Path(artifact.path) / SCORES_FILE)
+    return read_artifact_file(Path(artifact.path) / SCORES_FILE, ScoredPairs.load)
 
 
 def load_scored_rows(pair: Artifact, reference: Artifact) -> tuple[pd.DataFrame, ScoredPairs]:
     """Every row the reference scored and its scores, in one order: pairs.parquet's pairs, then the
     one-sided rows of unpaired.parquet (pairs' layout, absent side None: ``unpaired.load_rows``)."""
-    frame = pd.read_parquet(Path(pair.path) / PAIRS_FILE)
+    frame = read_artifact_file(Path(pair.path) / PAIRS_FILE, pd.read_parquet)
     scored = load_reference(reference)
     if [str(v) for v in scored.pair_ids] != frame["pair_id"].astype(str).tolist():
         raise RuntimeError(f"{reference.path}: reference rows do not follow pairs.parquet's row order")
