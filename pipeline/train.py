@@ -49,6 +49,7 @@ from pipeline.checkpointing import (CHECKPOINT_DIR, load_checkpoint, remove_chec
 from pipeline.distributed import build_shared, process_state
 from pipeline import sharding
 from pipeline.errors import UserError
+from pipeline import interrupts
 from pipeline.precision import resolve_precision
 from pipeline.scoring import ForwardSettings
 from pipeline import unpaired
@@ -257,6 +258,10 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         def gather(shifts: dict[str, list[float]]) -> list[dict[str, list[float]]]:
             return gather_object([shifts])
 
+    # SIGTERM/SIGINT wait for the end of the step, which is then checkpointed (one process: ranks could disagree).
+    stop_early = contextlib.ExitStack()
+    if accelerator.num_processes == 1:
+        stop_early.enter_context(interrupts.deferred())
     started, tokens_seen, last = time.time(), 0, {}
     try:
         if start == 0 and probe is not None:
@@ -322,6 +327,16 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             bar.set_postfix(loss=f"{last['train/loss']:.4f}")
             if crash_after is not None and done == crash_after:
                 raise RuntimeError(f"{CRASH_HOOK_ENV}={crash_after}: simulated crash after step {done}")
+            stop = interrupts.stop_requested()
+            if stop is not None and done < steps:
+                if not (checkpoint_every and done % checkpoint_every == 0):  # this step's checkpoint is not written yet
+                    unwrapped = accelerator.unwrap_model(model)
+                    require_finite_weights(((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad), done)
+                    save_checkpoint(workdir, step=done, position=stream.position, model=unwrapped,
+                                    optimizer=optimizer, scheduler=scheduler)
+                print(f"[train] {stop.signal_name}: stopped after step {done} of {steps}; checkpoint in {workdir}; "
+                      "rerun the same command to resume", flush=True)
+                raise stop
         bar.close()
         wall = time.time() - started
         accelerator.wait_for_everyone()
@@ -347,6 +362,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None,
                 "processes": accelerator.num_processes}
     finally:
+        stop_early.close()
         if tracker is not None:
             tracker.finish()
 
