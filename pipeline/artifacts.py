@@ -350,6 +350,13 @@ def build(
             if not resumable:  # a user mistake: nothing worth keeping, and no empty .partial left behind
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
+        except OSError as error:  # a full disk or a permission error: one line naming the path
+            problem = store_guard.storage_problem(error, workdir, f"{stage}/{key}", kept=bool(resumable))
+            if problem is None:
+                raise
+            if not resumable:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise problem from None
         store_guard.drop_links_before_publishing(workdir)
         manifest = {
             "stage": stage,

@@ -96,3 +96,20 @@ def drop_links_before_publishing(workdir: Path) -> None:
     for link in symlinks_under(workdir):
         say(f"{workdir / link}: a symbolic link is never published; removed")
         (workdir / link).unlink()
+
+
+STORAGE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EACCES": "permission denied",
+                  "EPERM": "operation not permitted", "EROFS": "the filesystem is read-only"}
+
+
+def storage_problem(error: OSError, workdir: Path, what: str, kept: bool) -> UserError | None:
+    """One line for a full disk or a permission error while a stage writes its artifact (None: another error,
+    a bug, raised as it is). ``kept``: the partial folder stays for a resume."""
+    import errno as errno_names
+    name = errno_names.errorcode.get(error.errno or 0)
+    if name not in STORAGE_ERRNOS:
+        return None
+    where = error.filename or workdir
+    after = f"its partial work stays in {workdir} and a rerun resumes" if kept else "nothing was published"
+    return UserError(f"{where}: {STORAGE_ERRNOS[name]} ({name}) while computing {what}; {after}; "
+                     "free space or fix the permissions, then rerun")

@@ -267,3 +267,26 @@ def test_gc_never_collects_a_running_recompute_nor_its_artifact(tmp_path):
     assert f"skipped {partial}" in out and f"skipped trust_probe/{made.key}" in out
     out = gc(root, runs, "--yes")  # the job is gone: both go
     assert not partial.exists() and not made.path.exists(), out
+
+
+# ------------------------------------------------------------------ full disk: one line naming the path
+
+def test_a_full_disk_while_computing_is_one_line_naming_the_path(tmp_path):
+    """/dev/full fails every write with ENOSPC: the real error a full disk gives."""
+    from pipeline.errors import UserError
+
+    def compute(workdir):
+        (workdir / "half.bin").write_bytes(b"x" * 10)
+        with open("/dev/full", "wb") as handle:
+            handle.write(b"y" * 100_000)
+            handle.flush()
+
+    with pytest.raises(UserError) as caught:
+        build(tmp_path, "trust_probe", {"disk": "full"}, {}, compute)
+    message = str(caught.value)
+    assert "the disk is full (ENOSPC)" in message and "trust_probe/" in message and "\n" not in message
+    assert "nothing was published" in message
+    assert not list((tmp_path / "trust_probe").glob("*/manifest.json")) and not list((tmp_path / "trust_probe").glob("*.partial"))
+    with pytest.raises(UserError, match="partial work stays in"):
+        build(tmp_path, "trust_probe", {"disk": "full"}, {}, compute, resumable=("checkpoints",))
+    assert len(list((tmp_path / "trust_probe").glob("*.partial"))) == 1
