@@ -3,7 +3,8 @@
 The tree, by role, in the order data flows (a package imports only the packages listed above it, and its own
 modules; ``stages`` never import each other; no import cycles, even inside a package):
 
-    errors, environment   base modules: one-line user errors, process environment
+    errors, environment,  base modules: one-line user errors, process environment, SIGTERM/SIGINT
+    interrupts
     store/                artifacts, keys, code identity, hub revisions, collective builds, store CLI, W&B mirror
     data/                 readers, adapters, edit distance, synthetic data, one-sided rows
     modeling/             model loading, tiny model, packing, batching, log-prob head, scoring, precision

@@ -18,6 +18,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.orchestration.cluster import join_job_tasks  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+from pipeline import interrupts  # noqa: E402
 from pipeline.orchestration.orchestrate import Run  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -30,7 +31,12 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run = Run(cfg, Path(hydra_cfg.runtime.output_dir))
     try:
-        run.execute()
+        with interrupts.handled():
+            run.execute()
+    except interrupts.Interrupted as stop:  # the record says interrupted; the sweep stops too
+        print(f"interrupted: {stop}; run record {run.run_dir / 'run.json'}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except UserError as error:
         # One line for the user; under multirun the other jobs go on and the sweep summary reports it.
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -95,12 +95,23 @@ def bad_file(schema: str, case: str) -> tuple[str, bytes, str]:
     if case == "duplicated_column":  # a CSV whose header names a column twice
         header = "prompt,chosen,rejected,rejected\n" if schema == "prompt_chosen_rejected" else None
         return "data.csv", (header + "two plus two,four,five,six\n").encode(), "more than once"
+    if case == "lone_surrogate":  # an escaped UTF-16 half with no partner: no Unicode text, cannot be stored
+        return "data.jsonl", jsonl(rows[:1]) + b'{"prompt": "p", "chosen": "a\\udc00", "rejected": "b"}\n', "line 2"
+    if case == "duplicated_parquet_column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        buffer = pa.BufferOutputStream()
+        table = pa.Table.from_arrays([pa.array(["q"]), pa.array(["a"]), pa.array(["b"]), pa.array(["c"])],
+                                     names=["prompt", "chosen", "rejected", "rejected"])
+        pq.write_table(table, buffer)
+        return "data.parquet", buffer.getvalue().to_pybytes(), "more than once"
     raise ValueError(case)
 
 
 DATA_CASES = [(schema, case) for schema in ROWS
               for case in ("empty", "truncated", "non_utf8", "wrong_type", "missing_column", "nan")]
-DATA_CASES.append(("prompt_chosen_rejected", "duplicated_column"))
+DATA_CASES += [("prompt_chosen_rejected", case) for case in ("duplicated_column", "lone_surrogate",
+                                                              "duplicated_parquet_column")]
 
 
 @pytest.mark.parametrize("schema,case", DATA_CASES, ids=[f"{s}-{c}" for s, c in DATA_CASES])
@@ -186,3 +197,40 @@ def test_unknown_store_verify_mode(store, tmp_path, capsys):
                         tmp_path / "run", capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "store_verify='sometimes'" in lines[0] and "small" in lines[0], err
+
+
+# ------------------------------------------------------------------ settings that used to fail only after work was done
+
+LATE_FAILURES = [  # (arguments, fragment of the one line)
+    (["seed=4294967296"], "seed=4294967296: expected a whole number in [0, 2**32)"),
+    (["data.seed=5000000000"], "data.seed=5000000000"),
+    (["model.tiny.seed=-1"], "model.tiny.seed=-1"),
+    (["eval.fewshot_seed=4294967296"], "eval.fewshot_seed=4294967296"),
+    (["pairing.bucket_edges=[0.0,1.0]"], "pairing.bucket_edges=[0.0, 1.0]: two edges make one bucket"),
+    (["pairing.bucket_edges=[0.5,0.2,1.0]"], "strictly increasing"),
+    (["pairing.bucket_edges=[0.0,0.2,0.2,1.0]"], "strictly increasing"),
+    (["pairing.bucket_edges=null", "pairing.quantiles=1"], "pairing.quantiles=1"),
+    (["pairing.bucket_edges=null", "pairing.quantiles=true"], "pairing.quantiles=True"),
+    (["data.num_eval_items=8", "eval.fewshot_pool=8"], "data.num_eval_items=8"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", LATE_FAILURES, ids=[" ".join(a) for a, _ in LATE_FAILURES])
+def test_settings_that_fail_late_are_refused_before_any_stage(args, fragment, store, tmp_path, capsys):
+    code, err = run_cli([*args, "model=tiny", "logger=none", f"artifacts_dir={store}"], tmp_path / "run", capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    record = tmp_path / "run" / "run.json"
+    assert not record.exists() or json.loads(record.read_text())["artifacts"] == {}  # stopped before any stage
+    assert partial_dirs(store) == []
+
+
+def test_the_own_data_command_with_the_local_suite_stops_before_training(store, tmp_path, capsys):
+    """The local suite reads held-out items only synthetic data writes: refused before the first stage, not after training."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_bytes(jsonl([ROWS["prompt_chosen_rejected"]] * 3))
+    code, err = run_cli(["data=local", f"data.path={data}", "method=bnf", "model=tiny", "logger=none",
+                         f"artifacts_dir={store}"], tmp_path / "run", capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "eval.tasks.local_mc.source=eval_mc.jsonl" in lines[0], err
+    assert "eval=none" in lines[0] and not list(Path(store).glob("train/*"))

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Lower rank = closer to the ground. Modules not listed take their package's rank.
 RANKS = {
-    "pipeline": 0, "pipeline.errors": 0, "pipeline.environment": 0,
+    "pipeline": 0, "pipeline.errors": 0, "pipeline.environment": 0, "pipeline.interrupts": 0,
     "pipeline.store": 1, "pipeline.data": 2, "pipeline.modeling": 3,
     "pipeline.training": 4, "pipeline.evaluation": 4, "analysis": 5,
     "pipeline.stages": 6, "pipeline.orchestration": 7, "pipeline.__main__": 8,

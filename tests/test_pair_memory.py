@@ -182,8 +182,8 @@ def test_errors_keep_the_order_of_reading_the_whole_file_first(tmp_path):
 
 
 def test_jsonl_lines_are_those_of_the_whole_text():
-    """Lines are split as str.splitlines splits the decoded file: CRLF, blank lines, a byte-order mark, and a
-    raw U+2028 inside a JSON string (a line break for splitlines: that line was never valid)."""
+    """Lines end at newlines only: CRLF, blank lines, a byte-order mark; a raw U+2028 inside a JSON string
+    (legal JSON, a line break for str.splitlines) stays in its string."""
     import tempfile
     rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(5)]
     with tempfile.TemporaryDirectory() as folder:
@@ -191,6 +191,8 @@ def test_jsonl_lines_are_those_of_the_whole_text():
         path.write_bytes(b"\xef\xbb\xbf" + b"\r\n\r\n".join(json.dumps(r).encode() for r in rows) + b"\r\n")
         assert load_local(path).records == rows
         path.write_bytes(b"\n".join([json.dumps(rows[0]).encode(), b"", json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False).encode()]))
+        assert load_local(path).records == [rows[0], {"prompt": "a\u2028b"}]
+        path.write_bytes(b"\n".join([json.dumps(rows[0]).encode(), b"", b'{"prompt": ']))
         with pytest.raises(UserError, match="line 3: invalid JSON"):
             load_local(path)
 

@@ -200,3 +200,32 @@ def test_entry_command_on_tiny_model(tmp_path):
     trained = Path(record["artifacts"]["train"]["path"])
     assert json.loads((trained / "summary.json").read_text())["steps"] == 4
     assert (trained / "model" / "config.json").is_file() and (trained / "model" / "tokenizer_config.json").is_file()
+
+
+def test_a_partial_folder_from_another_learning_rate_is_not_resumed_nor_published(store, tmp_path, monkeypatch, capsys):
+    """Another learning rate's crashed run copied over this key's partial folder, with a LoRA adapter planted
+    in it: training starts over, and the published model is the one this run wrote, without the adapter."""
+    overrides = ("method=dpo", "train.max_steps=3", "train.checkpoint_every=1")
+    root = copy_store(store, tmp_path)
+    monkeypatch.setenv(CRASH_HOOK_ENV, "1")
+    for lr in ("1e-3", "5e-3"):  # each leaves its partial folder with a step-1 checkpoint
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            execute(root, *overrides, f"train.lr={lr}")
+    monkeypatch.delenv(CRASH_HOOK_ENV)
+    partials = {read_jsonl(p / "metrics.jsonl")[0]["train/lr"]: p for p in (root / "train").glob("*.partial")}
+    assert sorted(partials) == pytest.approx([1e-3, 5e-3])
+    source, target = partials[min(partials)], partials[max(partials)]
+    capsys.readouterr()
+    shutil.rmtree(target)
+    shutil.copytree(source, target)
+    (target / "model").mkdir()
+    (target / "model" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    trained = execute(root, *overrides, "train.lr=5e-3").artifacts["train"]
+    out = capsys.readouterr().out
+    assert trained.path == target.with_name(target.name.removesuffix(".partial"))
+    assert f"written for train/{source.name.removesuffix('.partial')}" in out
+    summary = json.loads((trained.path / "summary.json").read_text())
+    assert summary["resumed_from_step"] is None and summary["steps"] == 3
+    published = [e["path"] for e in json.loads((trained.path / "manifest.json").read_text())["files"]]
+    assert "model/adapter_config.json" not in published and not (trained.path / "model" / "adapter_config.json").exists()
+    assert read_jsonl(trained.path / "metrics.jsonl")[0]["train/lr"] == pytest.approx(5e-3)

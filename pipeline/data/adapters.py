@@ -258,8 +258,9 @@ def adapt_unpaired(row, n, cols, opts, origin):
     label = row[cols["label"]]
     if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
         return [{"raw_prompt": prompt, "messages": None, "completion": completion, "label": bool(label)}]
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-        return [{"raw_prompt": prompt, "messages": None, "completion": completion, "label": label.strip().lower() == "true"}]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):  # CSV cells are text
+        return [{"raw_prompt": prompt, "messages": None, "completion": completion,
+                 "label": label.strip().lower() in ("true", "1")}]
     raise UserError(f"{origin} row {n}: '{cols['label']}'={label!r}; expected a boolean (true/false or 1/0)")
 
 

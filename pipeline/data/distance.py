@@ -4,7 +4,10 @@ Smaug (docs/losses.md, Edit distances) does not pin the unit, so every pair gets
 character Levenshtein and token Levenshtein (token ids of the training tokenizer, or
 a regex tokenizer when no model is configured), each raw and normalised by the
 longer of the two responses. All pairwise work runs in rapidfuzz's C++ ``cpdist``
-on all cores; Python only maps tokens to ids and does numpy arithmetic.
+on all cores; Python only maps tokens to ids and does numpy arithmetic. A pair too long for an exact
+distance in bounded time (``len x len`` above ``distance_bounds.EXACT_CELLS``, e.g. two 50,000-character
+responses) gets a banded exact distance, or beyond the band an upper bound, with one line
+(pipeline/data/distance_bounds.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+from pipeline.data.distance_bounds import EXACT_CELLS, bounded_levenshtein, is_long
 from pipeline.errors import UserError
 
 UNITS = ("char_ned", "token_ned", "char_distance", "token_distance")
@@ -36,7 +40,24 @@ def pairwise_distances(a: Sequence[Sequence], b: Sequence[Sequence]) -> tuple[np
         raise ValueError(f"pairwise_distances: {len(a)} vs {len(b)} sequences")
     if len(a) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-    raw = process.cpdist(a, b, scorer=Levenshtein.distance, workers=-1).astype(np.int64)
+    # Very long pairs would take hours exactly (cost grows as len^2): banded, else bounded (distance_bounds.py).
+    long = [i for i in range(len(a)) if is_long(a[i], b[i])]
+    if long:
+        raw = np.zeros(len(a), dtype=np.int64)
+        short = sorted(set(range(len(a))) - set(long))
+        if short:
+            raw[short] = process.cpdist([a[i] for i in short], [b[i] for i in short], scorer=Levenshtein.distance,
+                                        workers=-1).astype(np.int64)
+        approximate = 0
+        for i in long:
+            raw[i], exact = bounded_levenshtein(a[i], b[i])
+            approximate += not exact
+        if approximate:
+            print(f"[pair] {approximate} pair(s) too long for an exact edit distance (len x len > "
+                  f"{EXACT_CELLS:.2g}) and further apart than the band: an upper bound is used "
+                  "(pipeline/data/distance_bounds.py)", flush=True)
+    else:
+        raw = process.cpdist(a, b, scorer=Levenshtein.distance, workers=-1).astype(np.int64)
     longer = np.maximum(np.fromiter(map(len, a), np.int64, len(a)), np.fromiter(map(len, b), np.int64, len(b)))
     ned = np.divide(raw, longer, out=np.zeros(len(a), dtype=np.float64), where=longer > 0)
     return raw, ned

@@ -3,6 +3,12 @@
 ``open_local`` / ``open_hub`` return a ``Source`` that the pair stage reads twice without holding the whole
 input; ``load_local`` / ``load_hub`` read everything at once (tests, small files). Unreadable input (not
 UTF-8, an invalid JSON line, a missing file) raises a one-line ``UserError`` naming the file and line.
+
+JSONL lines end at ``\n`` (or ``\r\n``) only: U+0085 and U+2028/U+2029 are legal inside JSON strings,
+so they stay in the text. A lone UTF-16 surrogate (``"\ud800"``) decodes to no Unicode text and could not
+be stored: refused with the line (or record) number. CSV cells are read as text (``"007"`` stays
+``"007"``); the adapters convert the fields that hold numbers. A Parquet file naming a column twice is
+refused like a CSV header that does.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -75,9 +82,28 @@ def not_utf8(path: Path, offset: int) -> str:
     return f"{path}: not UTF-8 text (invalid byte at offset {offset}); re-save the file as UTF-8"
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate (valid in pairs)
+
+
+def lone_surrogate(line: str, value: Any) -> bool:
+    """Whether ``value`` (parsed from ``line``) holds a surrogate that no pair completes: not Unicode text."""
+    if not SURROGATE_ESCAPE.search(line):
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def json_lines(text: str) -> list[str]:
+    """Lines split at \n, \r\n or \r only (str.splitlines would also split at U+0085, U+2028, ... inside strings)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def jsonl_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
     """JSONL records, ``size`` at a time, read line by line: the same lines, line numbers and errors as
-    decoding the whole file (``utf-8-sig``) and splitting it with ``str.splitlines``. A UTF-8 sequence
+    decoding the whole file (``utf-8-sig``) and splitting it at line ends (``json_lines``). A UTF-8 sequence
     never contains the byte 0x0A, so each newline-terminated piece decodes alone; offsets count from
     after a byte-order mark, as the whole-file decode does."""
     batch: list[dict[str, Any]] = []
@@ -94,7 +120,7 @@ def jsonl_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
             offset += len(raw)
             if pending is not None:
                 continue  # decoding only: a non-UTF-8 byte further on is still the error reported
-            for line in text.splitlines():
+            for line in json_lines(text.removesuffix("\n").removesuffix("\r")):
                 number += 1
                 if not line.strip():
                     continue
@@ -105,6 +131,10 @@ def jsonl_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
                     break
                 if not isinstance(value, dict):
                     pending = UserError(f"{path} line {number}: expected a JSON object, got {type(value).__name__}")
+                    break
+                if lone_surrogate(line, value):
+                    pending = UserError(f"{path} line {number}: a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+                                        "its pair) is not text; expected valid Unicode strings")
                     break
                 batch.append(value)
             if pending is None and len(batch) >= size:
@@ -117,8 +147,9 @@ def jsonl_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
 
 
 def read_json(path: Path) -> list[dict[str, Any]]:
+    text = read_text(path)
     try:
-        value = json.loads(read_text(path))
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
     if isinstance(value, dict):  # {"data": [...]} or {"train": [...]}: one list of records inside
@@ -128,22 +159,41 @@ def read_json(path: Path) -> list[dict[str, Any]]:
         value = lists[0]
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise UserError(f"{path}: expected a JSON list of objects")
+    if SURROGATE_ESCAPE.search(text):
+        bad = next((n for n, record in enumerate(value, 1) if lone_surrogate(text, record)), None)
+        if bad is not None:
+            raise UserError(f"{path} record {bad}: a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair) "
+                            "is not text; expected valid Unicode strings")
     return value
 
 
 def read_parquet(path: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
+    check_unique_columns(path, table.column_names)
+    return table.to_pylist()
+
+
+def check_unique_columns(path: Path, names: list[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # a record dict would silently keep one of them
+        raise UserError(f"{path}: column(s) {repeated} appear more than once; expected unique column names")
 
 
 def parquet_batches(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
     """Parquet records, ``size`` at a time (the same values as ``read_parquet``, one batch decoded at a time)."""
     import pyarrow.parquet as pq
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
+        handle = pq.ParquetFile(path)
+    except Exception:
+        read_parquet(path)  # a corrupt file: the message of reading it whole
+        raise
+    check_unique_columns(path, handle.schema_arrow.names)
+    try:
+        for batch in handle.iter_batches(batch_size=size):
             yield batch.to_pylist()
     except Exception:
         read_parquet(path)  # a corrupt file: the message of reading it whole
@@ -158,8 +208,8 @@ def csv_frame(path: Path):
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:  # pandas would silently rename the second one ("x.1") and read the first
         raise UserError(f"{path}: column(s) {repeated} appear more than once in the header; expected unique column names")
-    try:
-        return pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
+    try:  # every cell as text: an all-digit column of answers is text ("007"), not numbers
+        return pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False, na_values=[""], dtype=str)
     except Exception as error:
         raise UserError(f"{path}: not a readable CSV file ({type(error).__name__}: {error})") from None
 

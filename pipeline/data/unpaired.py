@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from pipeline.store.artifact_reads import read_artifact_file
 from pipeline.errors import UserError
 
 UNPAIRED_FILE = "unpaired.parquet"  # written by the pair stage (data.schema=unpaired)
@@ -39,7 +40,7 @@ def load_rows(pair_path: Path | str) -> pd.DataFrame | None:
     path = Path(pair_path) / UNPAIRED_FILE
     if not path.is_file():
         return None
-    raw = pd.read_parquet(path)
+    raw = read_artifact_file(path, pd.read_parquet)
     label = raw["label"].astype(bool)
     completion = raw["completion"].astype(object)
     return pd.DataFrame({

@@ -8,6 +8,7 @@ import pandas as pd
 
 from pipeline.data import unpaired
 from pipeline.modeling.scoring import ScoredPairs, concat_scored
+from pipeline.store.artifact_reads import read_artifact_file
 from pipeline.store.artifacts import Artifact
 
 SCORES_FILE = "reference.safetensors"
@@ -19,13 +20,13 @@ PAIRS_FILE = "pairs.parquet"  # written by the pair stage
 
 def load_reference(artifact: Artifact) -> ScoredPairs:
     """The reference scores of a reference artifact (rows in pairs.parquet order, ids in ``.pair_ids``)."""
-    return ScoredPairs.load(Path(artifact.path) / SCORES_FILE)
+    return read_artifact_file(Path(artifact.path) / SCORES_FILE, ScoredPairs.load)
 
 
 def load_scored_rows(pair: Artifact, reference: Artifact) -> tuple[pd.DataFrame, ScoredPairs]:
     """Every row the reference scored and its scores, in one order: pairs.parquet's pairs, then the
     one-sided rows of unpaired.parquet (pairs' layout, absent side None: ``unpaired.load_rows``)."""
-    frame = pd.read_parquet(Path(pair.path) / PAIRS_FILE)
+    frame = read_artifact_file(Path(pair.path) / PAIRS_FILE, pd.read_parquet)
     scored = load_reference(reference)
     if [str(v) for v in scored.pair_ids] != frame["pair_id"].astype(str).tolist():
         raise RuntimeError(f"{reference.path}: reference rows do not follow pairs.parquet's row order")

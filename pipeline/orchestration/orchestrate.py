@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.store.artifacts import Artifact, forcing, verifying
 from pipeline.errors import UserError
+from pipeline.interrupts import Interrupted
 from pipeline.orchestration.validate import validate
 
 STAGE_MODULES = {
@@ -155,6 +156,9 @@ class Run:
             self.record["status"] = "ok"
         except UserError as error:
             self.record.update(status="failed", error=str(error))
+            raise
+        except (Interrupted, KeyboardInterrupt) as error:  # SIGTERM/SIGINT: a rerun resumes (pipeline/interrupts.py)
+            self.record.update(status="interrupted", error=f"{type(error).__name__}: {error}")
             raise
         except BaseException as error:
             self.record.update(status="failed", error=f"{type(error).__name__}: {error}",

@@ -352,3 +352,9 @@ def check_held_out_pairs(cfg: DictConfig) -> None:
 
 
 CHECKS += [check_unpaired_training, check_held_out_pairs]
+
+
+# Checks of what would otherwise fail late: seed ranges, single-bucket settings, evaluation files the data lacks.
+from pipeline.orchestration.preflight import CHECKS as PREFLIGHT_CHECKS  # noqa: E402
+
+CHECKS += PREFLIGHT_CHECKS

@@ -40,10 +40,12 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.data.adapt_source import AdaptedStream
 from pipeline.data.readers import Source, open_hub, open_local
 from pipeline.store.artifacts import Artifact, build
+from pipeline.store.artifact_reads import read_artifact_file
 from pipeline.data.distance import (bucket_columns, distances_and_buckets, edit_distances, fallback_tokenize, hf_tokenize)
 from pipeline.data.pair_ids import id_number, prompt_digest, short_hash, split_from_digest, split_of
 from pipeline.data.parquet_rows import ParquetRows, frame_schema
 from pipeline.errors import UserError
+from pipeline.store.input_guard import require_content
 from pipeline.store.hub_revision import resolve_revision
 
 STAGE = "pair"
@@ -383,8 +385,12 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     subset = resolved_subset(cfg)
     model_upstream = {"model": upstream["model"]} if "model" in upstream else {}
 
+    fingerprint = subset["data"]["path"] if subset["data"].get("source") == "local" else None
+
     def compute(workdir: Path) -> dict[str, Any]:
         data, pairing = cfg.data, cfg.pairing
+        if fingerprint:  # hashed before the lock: the file may have been rewritten while this run waited
+            require_content(data.path, fingerprint, "after the key was computed, before it was read")
         revision = subset["data"].get("revision")
         stream, extras = open_records(data, revision)
         tokenizer = load_tokenizer_of(model_upstream)
@@ -439,6 +445,8 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
                                 for name in DISTANCES},
         })
         (workdir / "stats.json").write_text(json.dumps(stats, indent=2, default=int))
+        if fingerprint:
+            require_content(data.path, fingerprint, "while the pair stage read it")
         return {"pairs": len(frame), "schema": stats["schema"]}
 
     return build(root, STAGE, subset, model_upstream, compute)
@@ -446,5 +454,5 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
 
 def load_pairs(artifact: Artifact, split: str | None = None) -> pd.DataFrame:
     """The pairs of a pair artifact, optionally one split ("train" or "test")."""
-    frame = pd.read_parquet(artifact.path / "pairs.parquet")
+    frame = read_artifact_file(artifact.path / "pairs.parquet", pd.read_parquet)
     return frame if split is None else frame[frame["split"] == split].reset_index(drop=True)

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from pipeline.store.artifact_reads import read_artifact_file
 from pipeline.store.artifacts import Artifact
 from pipeline.modeling.batching import check_token_budget
 from pipeline.data import unpaired
@@ -58,7 +59,7 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
     from pipeline.modeling.models import load_causal_lm, load_tokenizer
 
     pair = upstream["pair"]
-    pairs = pd.read_parquet(Path(pair.path) / PAIRS_FILE)  # every split: probes and evaluation need test pairs
+    pairs = read_artifact_file(Path(pair.path) / PAIRS_FILE, pd.read_parquet)  # every split: probes and evaluation need test pairs
     one_sided = unpaired.load_rows(pair.path)  # None unless data.schema=unpaired
     subset = {**config_subset(cfg), "scored_text": scored_text_hash(pairs)}
     if one_sided is not None:  # absent key otherwise: paired setups keep their keys
@@ -117,7 +118,3 @@ def token_stats(scored: ScoredPairs, eos_id: int) -> dict[str, int]:
         last = scored.token_id_values[side][ends[has_tokens]]
         stats[f"{side}_truncated"] = int((last != eos_id).sum()) + int((~has_tokens).sum())
     return stats
-
-
-
-

@@ -44,10 +44,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.store.artifacts import Artifact
-from pipeline.training.checkpointing import (load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint, truncate_jsonl)
+from pipeline.training.checkpointing import (CHECKPOINT_DIR, load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint, truncate_jsonl)
 from pipeline.store.distributed import build_shared, process_state
 from pipeline.training import sharding
 from pipeline.errors import UserError
+from pipeline import interrupts
 from pipeline.modeling.precision import resolve_precision
 from pipeline.modeling.scoring import ForwardSettings
 from pipeline.data import unpaired
@@ -112,8 +113,9 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
         subset["processes"] = state.num_processes
     inputs = {name: upstream[name] for name in UPSTREAM}
     # Every rank trains; only the main one holds the lock and writes the artifact.
+    # A leftover partial folder keeps only what a resume reads; anything else in it is deleted, never published.
     return build_shared(root, STAGE, subset, inputs, lambda workdir: train(cfg, upstream, Path(workdir)),
-                        resumable=True)
+                        resumable=(CHECKPOINT_DIR, METRICS_FILE, TRAJECTORIES_FILE))
 
 
 def use_cpu() -> bool:
@@ -254,6 +256,10 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         def gather(shifts: dict[str, list[float]]) -> list[dict[str, list[float]]]:
             return gather_object([shifts])
 
+    # SIGTERM/SIGINT wait for the end of the step, which is then checkpointed (one process: ranks could disagree).
+    stop_early = contextlib.ExitStack()
+    if accelerator.num_processes == 1:
+        stop_early.enter_context(interrupts.deferred())
     started, tokens_seen, last = time.time(), 0, {}
     try:
         if start == 0 and probe is not None:
@@ -319,6 +325,16 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
             bar.set_postfix(loss=f"{last['train/loss']:.4f}")
             if crash_after is not None and done == crash_after:
                 raise RuntimeError(f"{CRASH_HOOK_ENV}={crash_after}: simulated crash after step {done}")
+            stop = interrupts.stop_requested()
+            if stop is not None and done < steps:
+                if not (checkpoint_every and done % checkpoint_every == 0):  # this step's checkpoint is not written yet
+                    unwrapped = accelerator.unwrap_model(model)
+                    require_finite_weights(((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad), done)
+                    save_checkpoint(workdir, step=done, position=stream.position, model=unwrapped,
+                                    optimizer=optimizer, scheduler=scheduler)
+                print(f"[train] {stop.signal_name}: stopped after step {done} of {steps}; checkpoint in {workdir}; "
+                      "rerun the same command to resume", flush=True)
+                raise stop
         bar.close()
         wall = time.time() - started
         accelerator.wait_for_everyone()
@@ -344,6 +360,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
         return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None,
                 "processes": accelerator.num_processes}
     finally:
+        stop_early.close()
         if tracker is not None:
             tracker.finish()
 

@@ -21,7 +21,11 @@ crash so that resumable stages (training) can pick up their checkpoints.
 A published artifact is checked against its manifest every time it is found: every listed file
 present with its size, no file the manifest does not list (a planted task file, say), and the
 sha256 of files up to 1 MiB (``store_verify=full`` hashes every file, ``size`` none). A mismatch
-makes the artifact absent, with one line saying which file, and the stage recomputes it.
+makes the artifact absent, with one line saying which file, and the stage recomputes it. So does a
+manifest written for another key (a folder copied or renamed: the manifest's own stage, config,
+upstream keys and code must hash to the folder's name) and a symbolic link anywhere in the artifact.
+A leftover partial folder keeps only the state its stage resumes from (``resumable``: those names);
+pipeline/store/guard.py holds these refusals.
 
 A stage that all processes of a distributed launch compute together (DDP training)
 uses ``build_collective``: only the main process takes the lock and writes the
@@ -48,6 +52,7 @@ from filelock import FileLock, Timeout
 
 from pipeline.store.code_version import STAGE_MODULES, code_identity, is_project_module
 from pipeline.errors import UserError
+from pipeline.store import guard as store_guard
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 12
@@ -244,9 +249,16 @@ def mismatch(path: Path, mode: str | None = None) -> str | None:
     """Why the files under ``path`` differ from its manifest, or None when they agree."""
     mode = mode or _verify_mode
     try:
-        listed = {entry["path"]: entry for entry in json.loads((path / MANIFEST).read_text())["files"]}
+        manifest = json.loads((path / MANIFEST).read_text())
+        listed = {entry["path"]: entry for entry in manifest["files"]}
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} unreadable"
+    links = store_guard.symlinks_under(path)
+    if links:
+        return f"{links[0]} is a symbolic link; refused"
+    problem = store_guard.identity_problem(path, manifest, artifact_key)
+    if problem is not None:
+        return problem
     present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
     unlisted = sorted(present - set(listed))
     if unlisted:
@@ -268,7 +280,7 @@ def find(root: Path, stage: str, key: str) -> Artifact | None:
     path = Path(root) / stage / key
     if not (path / MANIFEST).is_file():
         return None
-    problem = mismatch(path)
+    problem = "the folder is a symbolic link; refused" if path.is_symlink() else mismatch(path)
     if problem is not None:
         if path not in _reported:  # once per process, though build looks twice
             _reported.add(path)
@@ -298,14 +310,15 @@ def build(
     config: dict[str, Any],
     upstream: dict[str, Artifact],
     compute: Callable[[Path], dict[str, Any] | None],
-    resumable: bool = False,
+    resumable: Sequence[str] | bool = False,
 ) -> Artifact:
     """Return the artifact for these inputs, computing it with ``compute(workdir)`` if absent.
 
     ``compute`` writes its files into ``workdir`` and may return extra manifest
     fields (counts, timings). With ``resumable=False`` a leftover partial
-    directory from a crashed attempt is wiped first; with ``True`` it is handed
-    to ``compute`` as is, so checkpoints inside it can be resumed.
+    directory from a crashed attempt is wiped first; ``resumable`` names of files or
+    folders (checkpoints, per-step logs) are kept in it and handed to ``compute``, so
+    checkpoints inside it can be resumed; everything else in it is deleted first.
     """
     root = Path(root)
     upstream_keys = {name: art.key for name, art in sorted(upstream.items())}
@@ -315,14 +328,20 @@ def build(
     if not _needs_recompute(existing, stage):
         return existing
     stage_dir = root / stage
+    store_guard.check_inside(root, stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    store_guard.refuse_link(stage_dir / f"{key}.lock", "a lock file")
     with waiting_lock(stage_dir / f"{key}.lock", f"{stage}/{key}"):
         existing = find(root, stage, key)  # another process may have finished (or recomputed) it while we waited
         if not _needs_recompute(existing, stage):
             return existing
         workdir = stage_dir / f"{key}.partial"
+        store_guard.refuse_link(workdir, "a work folder")
+        store_guard.refuse_link(stage_dir / key, "an artifact folder")
         if workdir.exists() and not resumable:
             shutil.rmtree(workdir)
+        elif workdir.exists():  # only the stage's own resumable state survives into the new attempt
+            store_guard.prune_partial(workdir, None if resumable is True else resumable)
         workdir.mkdir(exist_ok=True)
         started = time.time()
         try:
@@ -331,6 +350,14 @@ def build(
             if not resumable:  # a user mistake: nothing worth keeping, and no empty .partial left behind
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
+        except OSError as error:  # a full disk or a permission error: one line naming the path
+            problem = store_guard.storage_problem(error, workdir, f"{stage}/{key}", kept=bool(resumable))
+            if problem is None:
+                raise
+            if not resumable:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise problem from None
+        store_guard.drop_links_before_publishing(workdir)
         manifest = {
             "stage": stage,
             "key": key,
@@ -360,7 +387,7 @@ def build_collective(
     *,
     is_main: bool,
     share: Callable[[Any], Any],
-    resumable: bool = False,
+    resumable: Sequence[str] | bool = False,
 ) -> Artifact:
     """``build`` for a stage whose ``compute`` every process must run at once (its collectives need all ranks).
 

@@ -18,7 +18,7 @@ and kept for the rest of the run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ def process_state():
 
 
 def build_shared(root: Path | str, stage: str, config: dict[str, Any], upstream: dict[str, Artifact],
-                 compute: Callable[[Path], dict[str, Any] | None], *, resumable: bool = False) -> Artifact:
+                 compute: Callable[[Path], dict[str, Any] | None], *, resumable: Sequence[str] | bool = False) -> Artifact:
     """``build`` whose ``compute`` runs on every process of a distributed launch (only the main one writes)."""
     from accelerate.utils import broadcast_object_list
 

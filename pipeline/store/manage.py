@@ -7,7 +7,10 @@
   (dry run unless ``--yes``); leftover ``.partial`` folders of finished work are listed too.
 
 Reads only ``<store>/<stage>/<key>/manifest.json`` and the run records ``<runs>/**/run.json``; a run
-uses an artifact when its record names the key. Nothing is removed without ``--yes``.
+uses an artifact when its record names the key. Nothing is removed without ``--yes``. A run record that
+cannot be read (torn, unreadable) might name any artifact: while one exists ``gc`` removes no artifact
+and says which record to fix or delete. Nothing is removed while a process holds its lock (a job
+computing or recomputing it): its work folder and artifact are skipped with a line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from pipeline.store.artifacts import MANIFEST
 from pipeline.errors import UserError
@@ -53,7 +58,8 @@ def input_keys(manifest: dict[str, Any]) -> set[str]:
     return keys - {manifest.get("key")}
 
 
-def scan(root: Path, runs_root: Path) -> dict[str, Entry]:
+def scan(root: Path, runs_root: Path, unreadable: list[str] | None = None) -> dict[str, Entry]:
+    """Every artifact with the runs that use it; ``unreadable`` collects run records that could not be read."""
     entries: dict[str, Entry] = {}
     for manifest_path in sorted(root.glob(f"*/*/{MANIFEST}")):
         try:
@@ -66,9 +72,12 @@ def scan(root: Path, runs_root: Path) -> dict[str, Entry]:
     for record_path in sorted(runs_root.glob("**/run.json")) if runs_root.is_dir() else []:
         try:
             record = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            used_artifacts = record.get("artifacts", {}).values()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            if unreadable is not None:
+                unreadable.append(f"{record_path} ({type(error).__name__})")
             continue
-        for used in record.get("artifacts", {}).values():
+        for used in used_artifacts:
             if isinstance(used, dict) and used.get("key") in entries:
                 entries[used["key"]].runs.add(str(record_path.parent))
     return entries
@@ -154,16 +163,51 @@ def find_entry(entries: dict[str, Entry], prefix: str) -> Entry:
     return entries[matches[0]]
 
 
+def lock_is_held(lock_path: Path) -> bool:
+    """Whether another process holds an artifact's lock now (it is computing or replacing it)."""
+    if not lock_path.exists():
+        return False
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def remove_unlocked(path: Path, lock_path: Path) -> bool:
+    """Remove ``path`` while holding its artifact's lock; False (nothing removed) when a process holds it."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"skipped {path}: a process holds its lock {lock_path} (it is computing there)")
+        return False
+    try:
+        if path.is_symlink():
+            path.unlink()  # the link, never what it points to
+        else:
+            shutil.rmtree(path)
+    finally:
+        lock.release()
+    return True
+
+
 def remove(entries: dict[str, Entry], keys: list[str], yes: bool, why: str) -> int:
-    total = sum(entries[k].size for k in keys)
     verb = "removing" if yes else "would remove"
+    removed = []
     for key in keys:
         entry = entries[key]
+        lock_path = entry.path.parent / f"{key}.lock"
+        if lock_is_held(lock_path):
+            print(f"skipped {entry.stage}/{key}: a process holds its lock {lock_path} (it is computing it)")
+            continue
         print(f"{verb} {entry.stage}/{key}  {human(entry.size)}  {summary(entry)}")
-        if yes:
-            shutil.rmtree(entry.path)
-            (entry.path.parent / f"{key}.lock").unlink(missing_ok=True)
-    print(f"{'removed' if yes else 'dry run:'} {len(keys)} artifact(s), {human(total)} {why}"
+        if not yes or remove_unlocked(entry.path, lock_path):
+            removed.append(key)
+    total = sum(entries[k].size for k in removed)
+    print(f"{'removed' if yes else 'dry run:'} {len(removed)} artifact(s), {human(total)} {why}"
           + ("" if yes else "; add --yes to remove them"))
     return 0
 
@@ -185,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     root, runs_root = Path(args.root), Path(args.runs)
     if not root.is_dir():
         raise UserError(f"--root {root}: no artifact store there (a folder with <stage>/<key>/manifest.json)")
-    entries = scan(root, runs_root)
+    unreadable: list[str] = []
+    entries = scan(root, runs_root, unreadable)
     now = time.time()
     if args.command == "list":
         shown = [e for e in entries.values() if not args.stage or e.stage == args.stage]
@@ -209,11 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         keep = needed(entries)
         unused = [k for k in entries if k not in keep]
+        for record in unreadable:  # it may name any artifact: keep them all until it is fixed or deleted
+            print(f"warning: run record {record} cannot be read; gc keeps every artifact until it is fixed or removed")
+        if unreadable:
+            unused = []
         partial = sorted(p for p in root.glob("*/*.partial") if (p.parent / p.name.removesuffix(".partial")).is_dir())
         for p in partial:
+            lock_path = p.parent / f"{p.name.removesuffix('.partial')}.lock"
+            if lock_is_held(lock_path):  # a recompute (recompute=[...]) is working there
+                print(f"skipped {p}: a process holds its lock {lock_path} (it is computing there)")
+                continue
             print(f"{'removing' if args.yes else 'would remove'} leftover {p}")
             if args.yes:
-                shutil.rmtree(p)
+                remove_unlocked(p, lock_path)
         return remove(entries, unused, args.yes, f"that no run record under {runs_root} uses")
     return 0
 

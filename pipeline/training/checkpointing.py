@@ -15,6 +15,10 @@ safetensors file holds every tensor (weights, optimiser moments, RNG states) and
 JSON document with everything else, tensors replaced by references to their names. A file that is
 not such a checkpoint (an old ``state.pt``, a torn or planted file) is never read as one: the run says
 so in one line and starts from step 0.
+
+A checkpoint records the artifact it was written for (``<stage>/<key>`` of its partial folder; the key
+covers the config and the code). One found in another artifact's partial folder (copied or renamed
+there, say from a run with another learning rate) is not resumed: one line, and training starts over.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights the optimiser changes (all of them, or only LoRA adapters); frozen ones reload from the model artifact."""
     return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def owner(workdir: Path) -> str:
+    """The artifact a partial folder is computing: ``<stage>/<key>`` from ``<root>/<stage>/<key>.partial``."""
+    workdir = Path(workdir)
+    return f"{workdir.parent.name}/{workdir.name.removesuffix('.partial')}"
 
 
 def checkpoint_path(workdir: Path) -> Path:
@@ -114,6 +124,7 @@ def save_checkpoint(workdir: Path, *, step: int, position: int, model: torch.nn.
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "extra": extra or {},
+        "owner": owner(workdir),
     }
     tensors: dict[str, torch.Tensor] = {}
     skeleton = to_skeleton(state, tensors, "state")
@@ -133,11 +144,17 @@ def load_checkpoint(workdir: Path) -> dict[str, Any] | None:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
-        return from_skeleton(json.loads(metadata[STATE_KEY]), tensors)
+        state = from_skeleton(json.loads(metadata[STATE_KEY]), tensors)
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         print(f"[train] {path}: not a readable checkpoint ({type(error).__name__}); ignored, training starts from step 0",
               flush=True)
         return None
+    written_for = state.get("owner") if isinstance(state, dict) else None
+    if written_for != owner(workdir):
+        print(f"[train] {path}: written for {written_for or 'an unnamed artifact'}, not {owner(workdir)}; "
+              "ignored, training starts from step 0", flush=True)
+        return None
+    return state
 
 
 def restore_checkpoint(state: dict[str, Any], *, model: torch.nn.Module | None, optimizer: Any, scheduler: Any) -> None:
