@@ -129,3 +129,20 @@ def test_bad_pack_settings_get_one_line():
     with pytest.raises(UserError, match="train.pack_tokens=512 .*set train.pack_tokens=null"):
         check_forward_layout(compose_config("model.attn_implementation=flash_attention_2", "train.prefix_sharing=none",
                                             "train.pack_tokens=512"))
+
+
+@pytest.mark.slow
+def test_a_packed_training_run_trains_as_the_one_pair_run(tmp_path):
+    """The stage end to end (Hydra config to metrics): train.pack_tokens is in the train key, step 0 still equals
+    the reference (DPO's loss log 2) to fp32 rounding, and the losses of both runs agree."""
+    import math
+    from tests.test_training_loop import metrics, run, write_pairs
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
+    common = ("method=dpo", "train.max_steps=2", "train.batch_size=6", "train.precision=fp32")
+    one = run(tmp_path / "artifacts", data, *common)
+    packed = run(tmp_path / "artifacts", data, *common, "train.pack_tokens=96")
+    assert one != packed  # another train artifact: the setting is in its key
+    ours, theirs = metrics(packed), metrics(one)
+    assert ours[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for a, b in zip(ours, theirs):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5)
