@@ -160,7 +160,7 @@ class ForwardSettings:
     sharing: str = "response"  # response | prompt | none (train.prefix_sharing)
     chunk: int | None = 1024  # positions per chunk of the output head (train.logprob_chunk); None = all at once
     precision: str = "fp32"  # fp32 | bf16: autocast of the forward (the head itself always runs in fp32)
-    pack_tokens: int | None = None  # training: positions per row holding several pairs (train.pack_tokens); None = one pair per forward
+    pack_tokens: int | None = None  # training: positions per row of several pairs (train.pack_tokens); None = one pair
     attention: str = "auto"  # auto | mask | flex: the kernel of a tree layout (pipeline/tree_attention.py)
 
     @classmethod
@@ -200,7 +200,8 @@ def _attention_mask(model, layout: PairLayout, settings: ForwardSettings, device
         tree_attention.switch(config)
         return tree_attention.block_mask(layout.tree, device)
     if implementation not in MASKABLE:
-        what = f"train.prefix_sharing={settings.sharing}" if layout.shared else f"train.pack_tokens={settings.pack_tokens}"
+        what = (f"train.prefix_sharing={settings.sharing}" if layout.shared
+                else f"train.pack_tokens={settings.pack_tokens}")
         fix = "train.prefix_sharing=none" if layout.shared else "train.pack_tokens=null"
         raise UserError(f"model.attn_implementation={implementation}: cannot take the custom attention mask of "
                         f"{what} (needs one of {', '.join(MASKABLE)}); set {fix} or model.attn_implementation=sdpa")
