@@ -48,7 +48,7 @@ def dpo_config(out: Path, *, batch: int, max_length: int, beta: float, loss_type
         max_steps=-1 if max_steps is None else max_steps, learning_rate=lr,
         lr_scheduler_type="linear", warmup_steps=warmup, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0,
         beta=beta, loss_type=[loss_type], max_length=max_length, precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=batch, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
+        precompute_ref_batch_size=batch, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=not _cuda(),
         bf16=bf16, seed=0, disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=gradient_checkpointing)
 
 
@@ -97,3 +97,9 @@ def run_trl(model_dir: Path, pairs, config, out: Path, time_construction: bool =
     for handle in handles:
         handle.remove()
     return TrlResult(seconds, counts["rows"], counts["policy"], counts["reference"], checkpointing)
+
+
+def _cuda() -> bool:
+    """TRL on the GPU when there is one (bench/gpu_check.sh), as our train stage."""
+    import torch
+    return torch.cuda.is_available()

@@ -67,7 +67,8 @@ def overrides(args, data_set: str, precision: str, sharing: str = "response") ->
             f"train.max_prompt_length={args.max_length // 2}", f"train.batch_size={args.batch}",
             "train.max_steps=null", "train.epochs=1", "train.lr=5e-6", "train.warmup_ratio=0", "train.schedule=linear",
             "train.max_grad_norm=1.0", "train.probe_pairs=0", "train.checkpoint_every=0", "train.progress=false",
-            f"train.prefix_sharing={sharing}", *([f"pairing.bucket_filter=[{bucket}]"] if bucket else [])]
+            f"train.prefix_sharing={sharing}", *([f"pairing.bucket_filter=[{bucket}]"] if bucket else []),
+            *([f"train.pack_tokens={args.pack_tokens}"] if args.pack_tokens else [])]
 
 
 def fresh_store(base: Path, tmp: Path, keep: tuple[str, ...]) -> Path:
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence (prompt budget: half)")
     parser.add_argument("--repeats", type=int, default=3, help="paired repetitions; medians are reported")
+    parser.add_argument("--pack-tokens", type=int, default=None, help="our train.pack_tokens (several pairs per forward)")
     parser.add_argument("--rss-only", action="store_true", help="only the SmolLM2 peak-RSS check")
     parser.add_argument("--skip-rss", action="store_true", help="skip the SmolLM2 peak-RSS check")
     args = parser.parse_args()

@@ -35,7 +35,9 @@ class PairLayout:
     """Model inputs for one pair and the map from scored tokens to hidden positions.
 
     ``input_ids``/``position_ids`` are ``[R, L]``; ``attention`` is a 2D padding mask ``[R, L]`` (layout
-    ``none``) or a 4D boolean ``[1, 1, L, L]`` mask (True = may attend). ``query_positions[q]`` is the
+    ``none``) or a 4D boolean ``[1, 1, L, L]`` mask (True = may attend); a one-row tree layout also has
+    ``tree`` ``[2, L]`` (block and branch of each position, pipeline/modeling/multi_pair.py), from which that mask
+    follows (``attention`` may then be None: built only by the attention that needs it). ``query_positions[q]`` is the
     flat index into ``[R * L]`` hidden states whose logits score ``query_labels[q]``; ``cell_query[s, k-1]``
     is the query that scores token ``k`` of side ``s`` (-1 where ``k`` is not a response token), in the
     ``[2, T-1]`` layout of ``TokenScores`` (T = the longer side's length).
@@ -49,6 +51,7 @@ class PairLayout:
     cell_query: Tensor
     padded_ids: Tensor  # [2, T] the sides right-padded, as the ``none`` rows (for token ids and masks)
     shared: int  # tokens computed once for both sides (0 for ``none``)
+    tree: Tensor | None = None  # [2, L] (block, branch) of a one-row tree layout; None for padded rows
 
     @property
     def tokens(self) -> int:
@@ -135,7 +138,7 @@ def _packed(chosen, rejected, chosen_start, rejected_start, shared, padded) -> P
     query_positions, labels, cell_query = _queries([(chosen, chosen_start), (rejected, rejected_start)], position_of)
     return PairLayout(torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long), attention,
                       torch.tensor(query_positions, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
-                      cell_query, padded, shared)
+                      cell_query, padded, shared, torch.stack([torch.zeros_like(segment), segment]))
 
 
 def one_row_layout(ids: list[int], start: int) -> PairLayout:

@@ -28,7 +28,9 @@ from pipeline.modeling.batching import OneSidedEncoding, PairEncoding, encode_pa
 from pipeline.errors import UserError
 from pipeline.modeling.logprob_head import head_logits, head_of, is_sharded, score_hidden, score_sharded, unwrap
 from pipeline.modeling.logprobs import TokenScores
+from pipeline.modeling.multi_pair import PackedRow, dense_tree_mask
 from pipeline.modeling.packing import SHARING, PairLayout, one_row_layout, pair_layout
+from pipeline.modeling import tree_attention
 
 SIDES = ("chosen", "rejected")
 FORMAT = "prefopt.scored_pairs/2"
@@ -158,6 +160,8 @@ class ForwardSettings:
     sharing: str = "response"  # response | prompt | none (train.prefix_sharing)
     chunk: int | None = 1024  # positions per chunk of the output head (train.logprob_chunk); None = all at once
     precision: str = "fp32"  # fp32 | bf16: autocast of the forward (the head itself always runs in fp32)
+    pack_tokens: int | None = None  # training: positions per row of several pairs (train.pack_tokens); None = one pair
+    attention: str = "auto"  # auto | mask | flex: the kernel of a tree layout (pipeline/modeling/tree_attention.py)
 
     @classmethod
     def from_config(cls, train_cfg, precision: str) -> "ForwardSettings":
@@ -167,7 +171,10 @@ class ForwardSettings:
         chunk = train_cfg.get("logprob_chunk", 1024)
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise UserError(f"train.logprob_chunk={chunk!r}: expected a positive integer or null")
-        return cls(sharing, chunk, precision)
+        pack = train_cfg.get("pack_tokens")
+        if pack is not None and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
+            raise UserError(f"train.pack_tokens={pack!r}: expected a positive integer (positions per row) or null")
+        return cls(sharing, chunk, precision, pack)
 
     def key(self) -> dict[str, Any]:
         """The settings in the keys of the stages that score pairs (precision is keyed by each stage)."""
@@ -184,22 +191,28 @@ MASKABLE = ("sdpa", "eager")  # attention implementations that take a custom 4D 
 _head_checked: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _attention_mask(model, layout: PairLayout, sharing: str, device: torch.device) -> Tensor:
-    if layout.attention.dim() == 2:
+def _attention_mask(model, layout: PairLayout, settings: ForwardSettings, device: torch.device):
+    if layout.tree is None:
         return layout.attention.to(device)
-    implementation = getattr(unwrap(model).config, "_attn_implementation", None)
+    config = unwrap(model).config
+    implementation = getattr(config, "_attn_implementation", None)
+    if tree_attention.wanted(settings.attention, implementation, device):
+        tree_attention.switch(config)
+        return tree_attention.block_mask(layout.tree, device)
     if implementation not in MASKABLE:
+        what = (f"train.prefix_sharing={settings.sharing}" if layout.shared
+                else f"train.pack_tokens={settings.pack_tokens}")
+        fix = "train.prefix_sharing=none" if layout.shared else "train.pack_tokens=null"
         raise UserError(f"model.attn_implementation={implementation}: cannot take the custom attention mask of "
-                        f"train.prefix_sharing={sharing} (needs one of {', '.join(MASKABLE)}); set "
-                        f"train.prefix_sharing=none or model.attn_implementation=sdpa")
-    mask = layout.attention.to(device)
+                        f"{what} (needs one of {', '.join(MASKABLE)}); set {fix} or model.attn_implementation=sdpa")
+    mask = (layout.attention if layout.attention is not None else dense_tree_mask(layout.tree)).to(device)
     if implementation == "eager":  # eager attention adds the mask to its scores
         dtype = unwrap(model).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
     return mask
 
 
-def _decoder_states(model, layout: PairLayout, sharing: str, device: torch.device) -> tuple[Tensor, Tensor]:
+def _decoder_states(model, layout: PairLayout, settings: ForwardSettings, device: torch.device) -> tuple[Tensor, Tensor]:
     """The decoder's final hidden states ``[R, L, H]`` (what the head reads) and the model's own logits of
     each row's last position (its head is run on one position only: ``logits_to_keep=1``).
 
@@ -212,7 +225,7 @@ def _decoder_states(model, layout: PairLayout, sharing: str, device: torch.devic
 
     hook = unwrap(model).get_decoder().register_forward_hook(keep)
     try:
-        out = model(input_ids=layout.input_ids.to(device), attention_mask=_attention_mask(model, layout, sharing, device),
+        out = model(input_ids=layout.input_ids.to(device), attention_mask=_attention_mask(model, layout, settings, device),
                     position_ids=layout.position_ids.to(device), logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
@@ -236,10 +249,10 @@ def _check_head(model, hidden: Tensor, model_logits: Tensor, head) -> None:
     _head_checked.add(inner)
 
 
-def layout_forward(model, layout: PairLayout, settings: ForwardSettings, device: torch.device,
-                   with_others: bool = False) -> TokenScores:
-    """``TokenScores`` ``[S, T-1]`` (S = the layout's sides) of one pair's (or one row's) layout."""
-    hidden, model_logits = _decoder_states(model, layout, settings.sharing, device)
+def layout_queries(model, layout: PairLayout, settings: ForwardSettings, device: torch.device,
+                   with_others: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One forward of ``layout``: fp32 ``(log p, centred observed logit, O_t or None)`` of each of its queries."""
+    hidden, model_logits = _decoder_states(model, layout, settings, device)
     head = head_of(model)
     _check_head(model, hidden, model_logits, head)
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -248,7 +261,13 @@ def layout_forward(model, layout: PairLayout, settings: ForwardSettings, device:
         logps, observed, others = score_sharded(model, flat[positions], labels, settings.chunk, with_others)
     else:
         logps, observed, others = score_hidden(flat[positions], labels, head, settings.chunk, with_others)
-    cells = layout.cell_query.to(device)
+    return logps, observed, others
+
+
+def place_scores(cell_query: Tensor, logps: Tensor, observed: Tensor, others: Tensor | None,
+                 device: torch.device) -> TokenScores:
+    """Per-query results placed on a layout's ``[S, T-1]`` cells (``cell_query``: -1 = not scored)."""
+    cells = cell_query.to(device)
     present = cells >= 0
     index = cells.clamp_min(0)
     zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -257,7 +276,25 @@ def layout_forward(model, layout: PairLayout, settings: ForwardSettings, device:
         return torch.where(present, values[index], zero) if values.numel() else torch.zeros(cells.shape, device=device)
 
     return TokenScores(token_logps=place(logps), mask=present.float(), observed_logits=place(observed),
-                       others=place(others) if with_others else None)
+                       others=None if others is None else place(others))
+
+
+def layout_forward(model, layout: PairLayout, settings: ForwardSettings, device: torch.device,
+                   with_others: bool = False) -> TokenScores:
+    """``TokenScores`` ``[S, T-1]`` (S = the layout's sides) of one pair's (or one row's) layout."""
+    return place_scores(layout.cell_query, *layout_queries(model, layout, settings, device, with_others), device)
+
+
+def packed_forward(model, row: PackedRow, settings: ForwardSettings, device: torch.device,
+                   with_others: bool = False) -> list[TokenScores]:
+    """One forward of a row holding several pairs (pipeline/modeling/multi_pair.py): each member's ``TokenScores``,
+    as ``layout_forward`` of its own layout gives them."""
+    logps, observed, others = layout_queries(model, row.layout, settings, device, with_others)
+    scores = []
+    for offset, cells in zip(row.query_offsets, row.cell_queries):
+        shifted = torch.where(cells >= 0, cells + offset, cells)
+        scores.append(place_scores(shifted, logps, observed, others, device))
+    return scores
 
 
 def pair_forward(model, encoding: PairEncoding, pad_id: int, device: torch.device, with_others: bool = False,

@@ -253,16 +253,21 @@ def check_model(cfg: DictConfig) -> None:
 
 
 def check_forward_layout(cfg: DictConfig) -> None:
-    """train.prefix_sharing / logprob_chunk, and a packed layout only with an attention that takes its mask."""
+    """train.prefix_sharing / logprob_chunk / pack_tokens, and a tree layout only with an attention that takes its mask."""
     if select(cfg, "train") is None:
         return
     from pipeline.modeling.scoring import MASKABLE, ForwardSettings  # lazy: pulls in torch
     settings = ForwardSettings.from_config(cfg.train, "fp32")
     attention = select(cfg, "model.attn_implementation")
-    if settings.sharing != "none" and attention is not None and attention not in MASKABLE:
-        raise UserError(f"model.attn_implementation={attention}: cannot take the custom attention mask of "
-                        f"train.prefix_sharing={settings.sharing} (needs one of {', '.join(MASKABLE)}); set "
-                        f"train.prefix_sharing=none")
+    if attention is not None and attention not in MASKABLE:
+        if settings.sharing != "none":
+            raise UserError(f"model.attn_implementation={attention}: cannot take the custom attention mask of "
+                            f"train.prefix_sharing={settings.sharing} (needs one of {', '.join(MASKABLE)}); set "
+                            f"train.prefix_sharing=none")
+        if settings.pack_tokens is not None:
+            raise UserError(f"model.attn_implementation={attention}: cannot take the custom attention mask of "
+                            f"train.pack_tokens={settings.pack_tokens} (needs one of {', '.join(MASKABLE)}); set "
+                            f"train.pack_tokens=null")
 
 
 def check_distributed(cfg: DictConfig) -> None:

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from pipeline.modeling.batching import DroppedEncoding, OneSidedEncoding, PairEncoding, encode_row
 from pipeline.training.losses import LossInput, LossOutput
-from pipeline.modeling.packing import computed_tokens
-from pipeline.modeling.scoring import ForwardSettings, pair_forward, response_forward
+from pipeline.modeling.multi_pair import bins, pack_layouts, row_tokens
+from pipeline.modeling.packing import PairLayout, one_row_layout, pair_layout
+from pipeline.modeling.scoring import ForwardSettings, layout_forward, packed_forward
 
 SIDES = ("chosen", "rejected")
 
@@ -216,38 +217,67 @@ class MicroBatchResult:
     rejected_present: list[bool] | None = None
 
 
-def forward_row(model, encoding, pad_id: int, device: torch.device, with_others: bool,
-                settings: ForwardSettings = ForwardSettings()):
-    """One row's forward in its reference layout: ``({side: (token_logps, mask, others) or None}, same, tokens)``.
-
-    A pair (and a pair with a dropped side) goes through ``pair_forward``, a one-sided row through
-    ``response_forward``, exactly as the reference stage scored it. A dropped side was computed (the
-    pair's layout needs it) but is returned as None, so nothing of it reaches the loss.
-    """
+def row_layout(encoding, pad_id: int, settings: ForwardSettings) -> PairLayout:
+    """A row's reference layout: a pair (also one with a dropped side) in its pair layout, a one-sided row alone."""
     if isinstance(encoding, OneSidedEncoding):
-        scores, _ = response_forward(model, encoding, pad_id, device, with_others=with_others, settings=settings)
+        return one_row_layout(encoding.ids, encoding.start)
+    pair = encoding.pair if isinstance(encoding, DroppedEncoding) else encoding
+    return pair_layout(pair.chosen_ids, pair.rejected_ids, pair.chosen_start, pair.rejected_start,
+                       settings.sharing, pad_id)
+
+
+def row_sides(encoding, layout: PairLayout, scores, with_others: bool, device: torch.device):
+    """A row's scores as ``{side: (token_logps, mask, others) or None}`` and whether its two sides are the same.
+
+    A dropped side was computed (the pair's layout needs it) but is returned as None, so nothing of it
+    reaches the loss."""
+    if isinstance(encoding, OneSidedEncoding):
         kept = {encoding.side: 0}  # side -> its row in the forward
-        same, tokens = False, len(encoding.ids)
+        same = False
     else:
-        pair = encoding.pair if isinstance(encoding, DroppedEncoding) else encoding
-        scores, input_ids = pair_forward(model, pair, pad_id, device, with_others=with_others, settings=settings)
         kept = {side: k for k, side in enumerate(SIDES)
                 if not isinstance(encoding, DroppedEncoding) or side == encoding.kept}
-        same = len(kept) == 2 and bool(same_rows(input_ids, scores.mask, 1)[0])
-        tokens = computed_tokens(pair.chosen_ids, pair.rejected_ids, pair.chosen_start, pair.rejected_start,
-                                 settings.sharing)
+        same = len(kept) == 2 and bool(same_rows(layout.padded_ids.to(device), scores.mask, 1)[0])
     sides = {}
     for side in SIDES:
         k = kept.get(side)
         sides[side] = None if k is None else (scores.token_logps[k], scores.mask[k],
                                               scores.others[k] if with_others else None)
-    return sides, same, tokens
+    return sides, same
+
+
+def forward_rows(model, encodings: Sequence[Any], pad_id: int, device: torch.device, with_others: bool,
+                 settings: ForwardSettings = ForwardSettings(), quiet=contextlib.nullcontext) -> list[tuple]:
+    """Every row of a micro-batch through the model: ``(sides, same, tokens)`` per row (``row_sides``; tokens =
+    positions it took through the model).
+
+    One forward per row in its reference layout, exactly as the reference stage scored it; with
+    ``settings.pack_tokens``, the rows' layouts laid side by side into rows of at most that many positions
+    (pipeline/modeling/multi_pair.py), the same numbers to float rounding with fewer forwards. ``quiet`` wraps every
+    forward but the last (DDP's ``no_sync``)."""
+    layouts = [row_layout(encoding, pad_id, settings) for encoding in encodings]
+    if settings.pack_tokens is None:
+        groups = [[index] for index in range(len(layouts))]
+    else:
+        groups = bins([row_tokens(layout) for layout in layouts], int(settings.pack_tokens))
+    results: list[tuple] = [()] * len(layouts)
+    for number, group in enumerate(groups):
+        with quiet() if number < len(groups) - 1 else contextlib.nullcontext():
+            if settings.pack_tokens is None:
+                scores, tokens = [layout_forward(model, layouts[group[0]], settings, device, with_others)], \
+                    [layouts[group[0]].tokens]
+            else:
+                row = pack_layouts(layouts, group)
+                scores, tokens = packed_forward(model, row, settings, device, with_others), row.tokens
+        for index, member_scores, count in zip(group, scores, tokens):
+            results[index] = (*row_sides(encodings[index], layouts[index], member_scores, with_others, device), count)
+    return results
 
 
 def forward_micro_batch(model, encodings: Sequence[Any], pad_id: int, rows: Sequence[int], reference, loss_fn,
                         method_cfg: dict, device: torch.device, quiet=contextlib.nullcontext,
                         settings: ForwardSettings = ForwardSettings()) -> MicroBatchResult:
-    """Each row through its reference layout (``forward_row``), then one loss over all.
+    """Each row through its reference layout (``forward_rows``), then one loss over all.
 
     Scoring a pair alone, in the same layout as the reference stage (a one-sided row alone, as a single
     sequence), makes the policy's first forward equal the stored reference bit for bit; per-token results
@@ -263,9 +293,7 @@ def forward_micro_batch(model, encodings: Sequence[Any], pad_id: int, rows: Sequ
     present: dict[str, list[bool]] = defaultdict(list)
     same, tokens = [], 0
     empty = torch.zeros(0, dtype=torch.float32, device=device)
-    for index, encoding in enumerate(encodings):
-        with quiet() if index < len(encodings) - 1 else contextlib.nullcontext():
-            sides, is_same, count = forward_row(model, encoding, pad_id, device, with_others, settings)
+    for sides, is_same, count in forward_rows(model, encodings, pad_id, device, with_others, settings, quiet):
         for side in SIDES:
             token_logps, mask, others = sides[side] if sides[side] is not None else (empty, empty, empty)
             present[side].append(sides[side] is not None)
