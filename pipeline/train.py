@@ -50,6 +50,7 @@ from pipeline.distributed import build_shared, process_state
 from pipeline import sharding
 from pipeline.errors import UserError
 from pipeline import interrupts
+from pipeline.truncation_check import check_truncated_pairs
 from pipeline.precision import resolve_precision
 from pipeline.scoring import ForwardSettings
 from pipeline import unpaired
@@ -189,6 +190,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     tokenizer = load_tokenizer(upstream["model"])
     max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
     encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length, kept)
+    check_truncated_pairs(encodings.encodings.values(), max_length, max_prompt_length)  # before any model loads
 
     # Each train stage is its own accelerate run: several can follow in one process (Hydra's basic
     # launcher runs a whole multirun in-process, e.g. a sweep over train.precision), and accelerate
