@@ -202,6 +202,7 @@ def test_entry_command_on_tiny_model(tmp_path):
     assert (trained / "model" / "config.json").is_file() and (trained / "model" / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.slow  # three short trainings (~20 s); tests/test_store_trust.py covers the parts fast
 def test_a_partial_folder_from_another_learning_rate_is_not_resumed_nor_published(store, tmp_path, monkeypatch, capsys):
     """Another learning rate's crashed run copied over this key's partial folder, with a LoRA adapter planted
     in it: training starts over, and the published model is the one this run wrote, without the adapter."""

@@ -49,6 +49,7 @@ from pipeline.store.distributed import build_shared, process_state
 from pipeline.training import sharding
 from pipeline.errors import UserError
 from pipeline import interrupts
+from pipeline.training.truncation_check import check_truncated_pairs
 from pipeline.modeling.precision import resolve_precision
 from pipeline.modeling.scoring import ForwardSettings
 from pipeline.data import unpaired
@@ -187,6 +188,7 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     tokenizer = load_tokenizer(upstream["model"])
     max_length, max_prompt_length = int(train_cfg.max_length), int(train_cfg.max_prompt_length)
     encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length, kept)
+    check_truncated_pairs(encodings.encodings.values(), max_length, max_prompt_length)  # before any model loads
 
     # Each train stage is its own accelerate run: several can follow in one process (Hydra's basic
     # launcher runs a whole multirun in-process, e.g. a sweep over train.precision), and accelerate
