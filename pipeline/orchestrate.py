@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import Artifact, forcing, verifying
 from pipeline.errors import UserError
+from pipeline.job_memory import release_job_memory
 from pipeline.validate import validate
 
 STAGE_MODULES = {
@@ -147,6 +148,9 @@ class Run:
         os.replace(temporary, path)  # a reader never sees half a record
 
     def execute(self) -> dict[str, Any]:
+        # One process may run many jobs (a Hydra multirun): free what an earlier job left (a failed one's
+        # too) before this one loads anything, and this job's models once it is done (pipeline/job_memory.py).
+        release_job_memory()
         try:
             validate(self.cfg)  # before any data or model is loaded
             for stage in self.cfg.stages:
@@ -163,4 +167,5 @@ class Run:
         finally:
             self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.save()
+            release_job_memory()
         return self.record
