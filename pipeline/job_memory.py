@@ -1,9 +1,9 @@
 """Give a job's memory back before the next job of the same process starts.
 
 A sweep run by Hydra's basic launcher is one process running every job in turn. A finished job's model,
-optimiser and caches are unreachable, but some sit in reference cycles (modules, hooks and accelerate
-objects point at each other) that only the cyclic garbage collector frees, and it runs rarely; and the
-memory glibc's allocator gets back stays in its heap unless asked to return it. Without both, each job
+optimiser and caches are unreachable, but the models sit in reference cycles that only the cyclic garbage
+collector frees (a test saw a finished job's two models still alive until ``gc.collect()``), and it runs
+rarely; and memory freed to glibc's allocator stays in its heaps unless it is asked to return it. Without both, each job
 added to the process's peak (a sweep of SmolLM2 jobs reached 8.3-8.6 GB); with them, a sweep's peak is
 one job's (BENCHMARKS.md, "Memory across the jobs of a sweep").
 """
@@ -26,7 +26,7 @@ def release_job_memory() -> None:
 
 
 def trim_heap() -> bool:
-    """``malloc_trim(0)``: glibc returns the free memory at the top of its heaps; False where there is no glibc."""
+    """``malloc_trim(0)``: glibc returns its heaps' free pages to the OS; False where there is no glibc."""
     name = ctypes.util.find_library("c")
     try:
         return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
