@@ -71,9 +71,11 @@ bench: install ## Run the benchmarks of bench/ (see BENCHMARKS.md); installs TRL
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0" -e ".[dev,bench]"
 	$(PY) bench/pairing.py
 	$(PY) bench/train_vs_trl.py
+	$(PY) bench/trl_positions.py
 	$(PY) bench/eval_vs_cli.py
 	$(PY) bench/sweep_cost.py
 	$(PY) bench/pair_memory.py --rows 200000 1000000
+	$(PY) bench/sweep_memory.py
 
 clean: ## Remove artifacts and run folders (keeps .venv)
 	rm -rf artifacts runs multirun outputs .cache/wandb

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.store.artifacts import Artifact, forcing, verifying
 from pipeline.errors import UserError
 from pipeline.interrupts import Interrupted
+from pipeline.orchestration.job_memory import release_job_memory
 from pipeline.orchestration.validate import validate
 
 STAGE_MODULES = {
@@ -148,6 +149,9 @@ class Run:
         os.replace(temporary, path)  # a reader never sees half a record
 
     def execute(self) -> dict[str, Any]:
+        # One process may run many jobs (a Hydra multirun): free what an earlier job left (a failed one's
+        # too) before this one loads anything, and this job's models once it is done (pipeline/job_memory.py).
+        release_job_memory()
         try:
             validate(self.cfg)  # before any data or model is loaded
             for stage in self.cfg.stages:
@@ -167,4 +171,5 @@ class Run:
         finally:
             self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.save()
+            release_job_memory()
         return self.record
