@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-from pathlib import Path
 
 import torch
 
