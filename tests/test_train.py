@@ -18,7 +18,8 @@ from tests.conftest import CONF_DIR, REPO_ROOT, compose_config
 from pipeline.training.checkpointing import load_checkpoint
 from pipeline.errors import UserError
 from pipeline.orchestration.orchestrate import Run
-from pipeline.stages.train import CRASH_HOOK_ENV, TrainingDiverged
+from pipeline.stages.train import CRASH_HOOK_ENV
+from pipeline.training.session import TrainingDiverged
 
 METHODS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
 # Small and fast: ~70 pairs, short sequences, fp32 so CPU runs are bit-reproducible.

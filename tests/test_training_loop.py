@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.training import losses
 from pipeline.orchestration.orchestrate import Run
-from pipeline.stages.train import TrainingDiverged
+from pipeline.training.session import TrainingDiverged
 from pipeline.training.training_loop import (MicroBatchResult, StepMetrics, disable_dropout, parameter_groups, warmup_steps)
 from tests.conftest import REPO_ROOT, compose_config
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.stages import train as train_stage
+from pipeline.training import session as training_session
 from pipeline.training.losses import LossInput, bnf_loss
 from pipeline.orchestration.orchestrate import Run
 from pipeline.modeling.reference_scores import load_scored_rows
@@ -58,7 +58,7 @@ def unpaired_file(path: Path, n: int) -> Path:
 def spy_on_loss_inputs(monkeypatch) -> list[tuple[list[int], LossInput]]:
     """Record (rows, LossInput) of every micro-batch the trainer computes a loss on."""
     seen: list[tuple[list[int], LossInput]] = []
-    real = train_stage.forward_micro_batch
+    real = training_session.forward_micro_batch
 
     def spy(model, encodings, pad_id, rows, reference, loss_fn, *args, **kwargs):
         def recording(inp, cfg):
@@ -66,7 +66,7 @@ def spy_on_loss_inputs(monkeypatch) -> list[tuple[list[int], LossInput]]:
             return loss_fn(inp, cfg)
         return real(model, encodings, pad_id, rows, reference, recording, *args, **kwargs)
 
-    monkeypatch.setattr(train_stage, "forward_micro_batch", spy)
+    monkeypatch.setattr(training_session, "forward_micro_batch", spy)
     return seen
 
 

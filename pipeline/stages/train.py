@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -44,17 +43,18 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.store.artifacts import Artifact
-from pipeline.training.checkpointing import (CHECKPOINT_DIR, load_checkpoint, remove_checkpoints, restore_checkpoint, save_checkpoint, truncate_jsonl)
+from pipeline.training.checkpointing import CHECKPOINT_DIR, remove_checkpoints
 from pipeline.store.distributed import build_shared, process_state
 from pipeline.training import sharding
 from pipeline.errors import UserError
 from pipeline import interrupts
 from pipeline.training.truncation_check import check_truncated_pairs
 from pipeline.modeling.precision import resolve_precision
-from pipeline.modeling.scoring import ForwardSettings
 from pipeline.data import unpaired
 from pipeline.evaluation.probes import ProbeRecorder, append_jsonl
-from pipeline.training.training_loop import (MicroBatchStream, PairEncodings, StepMetrics, build_optimizer, disable_dropout, forward_micro_batch, total_steps)
+from pipeline.training.session import (Session, metric_reducers, optimiser_step, resume_or_begin, start_session,
+                                       write_checkpoint, write_local_checkpoint)
+from pipeline.training.training_loop import PairEncodings
 
 STAGE = "train"
 UPSTREAM = ("model", "pair", "reference")
@@ -64,10 +64,6 @@ LABELS = ("name",)  # method.name labels tables and runs; two names of one setti
 # Test-only hook: raise after this many steps (after that step's checkpoint) to simulate a crash.
 CRASH_HOOK_ENV = "PREFOPT_TEST_CRASH_AFTER_STEP"
 METRICS_FILE, TRAJECTORIES_FILE, SUMMARY_FILE, MODEL_DIR = "metrics.jsonl", "trajectories.jsonl", "summary.json", "model"
-
-
-class TrainingDiverged(UserError):
-    """The loss became nan/inf; the message names the step and the checkpoint that was kept."""
 
 
 def bucket_filter(cfg: DictConfig) -> list[str] | None:
@@ -119,10 +115,6 @@ def run(cfg: DictConfig, upstream: dict[str, Artifact], root: Path) -> Artifact:
                         resumable=(CHECKPOINT_DIR, METRICS_FILE, TRAJECTORIES_FILE))
 
 
-def use_cpu() -> bool:
-    return not torch.cuda.is_available()
-
-
 # ----------------------------------------------------------------------------- data
 
 def check_one_sided(cfg: DictConfig, pair: Artifact) -> None:
@@ -167,19 +159,17 @@ def select_rows(cfg: DictConfig, pairs: pd.DataFrame) -> tuple[list[int], list[i
 # ----------------------------------------------------------------------------- the stage
 
 def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from pipeline.training.losses import get_loss
-    from pipeline.modeling.models import load_causal_lm, load_tokenizer
+    from pipeline.modeling.models import load_tokenizer
     from pipeline.modeling.reference_scores import load_scored_rows
     from pipeline.store.tracking import start_run
+    from pipeline.training.losses import get_loss
 
-    train_cfg, seed = cfg.train, int(cfg.seed)
+    train_cfg = cfg.train
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     loss_fn = get_loss(str(cfg.method.loss))
-    set_seed(seed)  # python, numpy, torch (+cuda): LoRA init and dropout
+    set_seed(int(cfg.seed))  # python, numpy, torch (+cuda): LoRA init and dropout
 
     # Pairs, then any one-sided rows, with the reference's scores in the same row order.
     pairs, reference = load_scored_rows(upstream["pair"], upstream["reference"])
@@ -190,202 +180,110 @@ def train(cfg: DictConfig, upstream: dict[str, Artifact], workdir: Path) -> dict
     encodings = PairEncodings.build(tokenizer, pairs, train_rows, max_length, max_prompt_length, kept)
     check_truncated_pairs(encodings.encodings.values(), max_length, max_prompt_length)  # before any model loads
 
-    # Each train stage is its own accelerate run: several can follow in one process (Hydra's basic
-    # launcher runs a whole multirun in-process, e.g. a sweep over train.precision), and accelerate
-    # refuses a second Accelerator with other settings. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    precision = resolve_precision(train_cfg.precision)
-    settings = ForwardSettings.from_config(train_cfg, precision)  # the reference stage's layout and head
-    accelerator = Accelerator(cpu=use_cpu(), mixed_precision="bf16" if precision == "bf16" else "no")
-    fsdp = sharding.is_fsdp(cfg)
-    if fsdp:
-        sharding.check_processes(accelerator.num_processes)
-    model = load_causal_lm(upstream["model"], cfg.model, trainable=True)  # fp32 master weights (models.policy_dtype)
-    if bool(train_cfg.disable_dropout):
-        disable_dropout(model)
-    if fsdp:  # sharded by us, not by accelerate.prepare (pipeline/training/sharding.py says why); before the optimiser
-        model = sharding.shard(model, sharding.build_plugin(cfg, model), accelerator.device, accelerator.is_main_process)
-        sharding.autocast_forward(model, accelerator.device, precision)
-    stream = MicroBatchStream(train_rows, int(train_cfg.batch_size), seed,
-                              accelerator.num_processes, accelerator.process_index)
-    accumulation = int(train_cfg.grad_accumulation)
-    steps = total_steps(train_cfg.max_steps, float(train_cfg.epochs), stream.per_epoch, accumulation)
-    optimizer, scheduler = build_optimizer(model, train_cfg, steps)
-    if not fsdp:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    plain = model if fsdp else accelerator.unwrap_model(model)  # what probes score (an FSDP model is used as it is)
-    # FSDP2 reduce-scatters in every backward (it has no no_sync); DDP skips all but the last micro-batch's.
-    quiet = contextlib.nullcontext if fsdp else (lambda: accelerator.no_sync(model))
-
+    session = start_session(cfg, upstream["model"], train_rows)
     metrics_path, trajectories_path = workdir / METRICS_FILE, workdir / TRAJECTORIES_FILE
-    main = accelerator.is_main_process  # under DDP only the main process writes into workdir
-    state = load_checkpoint(workdir)  # every process restores the same state
-    if state is not None:  # resume: everything after the checkpoint is recomputed
-        if fsdp:  # the full state dicts of the file, each rank keeping its shard
-            sharding.load_full_state(model, optimizer, state["model"], state["optimizer"])
-            restore_checkpoint(state, model=None, optimizer=None, scheduler=scheduler)
-        else:
-            restore_checkpoint(state, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
-        start, stream.position = int(state["step"]), int(state["position"])
-        if main:
-            truncate_jsonl(metrics_path, start)
-            truncate_jsonl(trajectories_path, start)
-    else:
-        start = 0
-        if main:
-            metrics_path.write_text("")
-            trajectories_path.write_text("")
-
+    start = resume_or_begin(session, workdir, (metrics_path, trajectories_path))
+    main, steps = session.main, session.steps
     # One W&B run per train artifact: a resumed training continues it (the id follows the artifact key).
     tracker = start_run(cfg, job_type=STAGE, run_id=f"train-{workdir.name.removesuffix('.partial')}") if main else None
     # Under FSDP every rank scores the probes (the forward is collective); only the main one writes them.
-    probe = ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker) if main or fsdp else None
+    probe = (ProbeRecorder(cfg, pairs, probe_rows, tokenizer, reference, trajectories_path, tracker)
+             if main or session.fsdp else None)
     checkpoint_every = int(train_cfg.checkpoint_every or 0)
     crash_after = int(os.environ[CRASH_HOOK_ENV]) if os.environ.get(CRASH_HOOK_ENV) else None
-    max_grad_norm = float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm is not None else math.inf
     buckets = pairs["bucket"].astype(str).to_numpy()
-    reduce = gather = None
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        def reduce(values: dict[str, float]) -> dict[str, float]:
-            totals = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
-                                                     device=accelerator.device), "sum")
-            return dict(zip(values, totals.tolist()))
-
-        def gather(shifts: dict[str, list[float]]) -> list[dict[str, list[float]]]:
-            return gather_object([shifts])
+    reduce, gather = metric_reducers(session)
 
     # SIGTERM/SIGINT wait for the end of the step, which is then checkpointed (one process: ranks could disagree).
     stop_early = contextlib.ExitStack()
-    if accelerator.num_processes == 1:
+    if session.processes == 1:
         stop_early.enter_context(interrupts.deferred())
     started, tokens_seen, last = time.time(), 0, {}
     try:
         if start == 0 and probe is not None:
-            probe.record(plain, 0, write=main)
+            probe.record(session.plain, 0, write=main)
         bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method.name}", unit="step",
                    disable=not (main and bool(train_cfg.progress)), dynamic_ncols=True)
         for step in range(start, steps):
             step_started = time.time()
-            lr = scheduler.get_last_lr()[0]
-            collected = StepMetrics(buckets)
-            chunks = [stream.next_global() for _ in range(accumulation)]
-            # Every pair of the step counts once: a micro-batch's mean loss is scaled by its share of the
-            # step's pairs (x processes, since DDP averages gradients over processes).
-            step_pairs = sum(len(chunk) for chunk in chunks)
-            for micro, chunk in enumerate(chunks):
-                rows = stream.share(chunk)
-                sync = contextlib.nullcontext() if micro == accumulation - 1 else quiet()
-                with sync:
-                    result = forward_micro_batch(model, encodings.of(rows), tokenizer.pad_token_id, rows, reference,
-                                                 loss_fn, method_cfg, accelerator.device, quiet=quiet, settings=settings)
-                    weight = len(rows) * accelerator.num_processes / step_pairs
-                    loss = result.output.loss * weight
-                    # FSDP's forward and backward are collectives: a rank with one pair fewer in a last partial
-                    # micro-batch runs one more forward (of its own first pair), whose loss counts zero times,
-                    # before anything else talks to the other ranks.
-                    padding = -(-len(chunk) // accelerator.num_processes) - len(rows) if fsdp else 0
-                    if padding:
-                        extra = forward_micro_batch(model, encodings.of(rows[:1]) * padding, tokenizer.pad_token_id,
-                                                    rows[:1] * padding, reference, loss_fn, method_cfg,
-                                                    accelerator.device, settings=settings)
-                        loss = loss + extra.output.loss * 0.0
-                    check_finite(accelerator, result.output.loss, step + 1, workdir, checkpoint_every)
-                    accelerator.backward(loss)
-                collected.add(result, rows)
-            grad_norm = sharding.clip_grad_norm(params, max_grad_norm) if fsdp else accelerator.clip_grad_norm_(params, max_grad_norm)
-            check_finite(accelerator, grad_norm, step + 1, workdir, checkpoint_every, what="gradient norm")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = session.scheduler.get_last_lr()[0]
+            collected, grad_norm = optimiser_step(session, step, encodings.of, tokenizer.pad_token_id, reference, loss_fn,
+                                                  method_cfg, buckets, workdir, checkpoint_every)
             done, elapsed = step + 1, time.time() - step_started
             tokens_seen += collected.tokens
-            last = {"step": done, **collected.finish(reduce, gather), "train/lr": lr, "train/grad_norm": float(grad_norm),
-                    "train/tokens_per_second": collected.tokens * accelerator.num_processes / max(elapsed, 1e-9)}
+            last = {"step": done, **collected.finish(reduce, gather), "train/lr": lr, "train/grad_norm": grad_norm,
+                    "train/tokens_per_second": collected.tokens * session.processes / max(elapsed, 1e-9)}
             if main:
                 append_jsonl(metrics_path, [last])
                 tracker.log({k: v for k, v in last.items() if k != "step"}, step=done)
             if probe is not None and (done % int(train_cfg.probe_every) == 0 or done == steps):
-                probe.record(plain, done, write=main)
-            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
-                accelerator.wait_for_everyone()
-                if fsdp:  # gathered full state dicts (a collective), written by the main rank alone
-                    weights, optimizer_state = sharding.full_state(model, optimizer)
-                    if main:
-                        require_finite_weights(weights.items(), done)
-                        save_checkpoint(workdir, step=done, position=stream.position, model=None, optimizer=None,
-                                        scheduler=scheduler, weights=weights, optimizer_state=optimizer_state)
-                elif main:
-                    unwrapped = accelerator.unwrap_model(model)
-                    require_finite_weights(((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad), done)
-                    save_checkpoint(workdir, step=done, position=stream.position, model=unwrapped,
-                                    optimizer=optimizer, scheduler=scheduler)
+                probe.record(session.plain, done, write=main)
+            checkpointed = bool(checkpoint_every and done % checkpoint_every == 0 and done < steps)
+            if checkpointed:
+                write_checkpoint(session, workdir, done)
             bar.update(1)
             bar.set_postfix(loss=f"{last['train/loss']:.4f}")
             if crash_after is not None and done == crash_after:
                 raise RuntimeError(f"{CRASH_HOOK_ENV}={crash_after}: simulated crash after step {done}")
-            stop = interrupts.stop_requested()
-            if stop is not None and done < steps:
-                if not (checkpoint_every and done % checkpoint_every == 0):  # this step's checkpoint is not written yet
-                    unwrapped = accelerator.unwrap_model(model)
-                    require_finite_weights(((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad), done)
-                    save_checkpoint(workdir, step=done, position=stream.position, model=unwrapped,
-                                    optimizer=optimizer, scheduler=scheduler)
-                print(f"[train] {stop.signal_name}: stopped after step {done} of {steps}; checkpoint in {workdir}; "
-                      "rerun the same command to resume", flush=True)
-                raise stop
+            stop_if_asked(session, workdir, done, checkpointed)
         bar.close()
         wall = time.time() - started
-        accelerator.wait_for_everyone()
-        lone = unpaired.one_sided(pairs)
-        one_sided = sum(lone[row] for row in train_rows)
-        summary = {"steps": steps, "resumed_from_step": start or None, "train_pairs": len(train_rows),
-                   "train_rows": {"pairs": len(train_rows) - one_sided - len(kept), "one_sided": one_sided,
-                                  "dropped_pairs_kept_chosen": sum(side == "chosen" for side in kept.values()),
-                                  "dropped_pairs_kept_rejected": sum(side == "rejected" for side in kept.values())},
-                   "processes": accelerator.num_processes, "distributed": sharding.mode(cfg), "global_batch": stream.global_batch * accumulation,
-                   "probe_pairs": len(probe_rows), "wall_time_s": round(wall, 3),
-                   "positions_computed": tokens_seen * accelerator.num_processes,  # padding included (packing.py)
-                   "tokens_per_second": tokens_seen * accelerator.num_processes / max(wall, 1e-9),
-                   "pairs_per_second": (steps - start) * accumulation * stream.global_batch / max(wall, 1e-9),
-                   "final": last}
-        # Under FSDP every weight is gathered to the main rank (a collective) into a plain copy of the model there.
-        final = final_model(model, upstream["model"], cfg.model) if fsdp else accelerator.unwrap_model(model)
-        if main:
-            save_final_model(final, tokenizer, workdir / MODEL_DIR)
-            (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-            tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
-            remove_checkpoints(workdir)
+        session.accelerator.wait_for_everyone()
+        summary = {**training_summary(session, start, pairs, train_rows, probe_rows, kept, cfg),
+                   **throughput(session, start, wall, tokens_seen), "final": last}
+        publish(session, cfg, upstream["model"], tokenizer, workdir, summary, last, tracker)
         return {"steps": steps, "train_pairs": len(train_rows), "resumed_from_step": start or None,
-                "processes": accelerator.num_processes}
+                "processes": session.processes}
     finally:
         stop_early.close()
         if tracker is not None:
             tracker.finish()
 
 
-def check_finite(accelerator, value: torch.Tensor, step: int, workdir: Path, checkpoint_every: int,
-                 what: str = "loss") -> None:
-    """Stop before the optimiser step when the loss or the gradient norm is nan/inf (on any process)."""
-    finite = torch.isfinite(torch.as_tensor(value).detach().float()).float().reshape(1).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        finite = accelerator.gather(finite)
-    if bool(finite.min() < 1):
-        state = load_checkpoint(workdir) if checkpoint_every else None
-        kept = f"the last good checkpoint (step {state['step']}) is kept in {workdir}" if state else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"train: {what} is {float(torch.as_tensor(value).detach()):.4g} (not finite) at step {step}, "
-                               f"before its optimiser step; {kept}; lower train.lr or check the data")
+def stop_if_asked(session: Session, workdir: Path, done: int, checkpointed: bool) -> None:
+    """After a step: on SIGTERM/SIGINT (deferred to here), checkpoint this step unless done already, and stop."""
+    stop = interrupts.stop_requested()
+    if stop is None or done >= session.steps:
+        return
+    if not checkpointed:  # this step's checkpoint is not written yet
+        write_local_checkpoint(session, workdir, done)
+    print(f"[train] {stop.signal_name}: stopped after step {done} of {session.steps}; checkpoint in {workdir}; "
+          "rerun the same command to resume", flush=True)
+    raise stop
 
 
-def require_finite_weights(named, step: int) -> None:
-    """Never write a checkpoint holding nan/inf weights (it would be resumed as "the last good one");
-    ``named``: (name, tensor) of the trainable weights."""
-    bad = [name for name, p in named if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise TrainingDiverged(f"train: non-finite weights after step {step} ({bad[0]}, ...); no checkpoint written")
+def training_summary(session: Session, start: int, pairs: pd.DataFrame, train_rows: list[int], probe_rows: list[int],
+                     kept: dict[int, str], cfg: DictConfig) -> dict[str, Any]:
+    """What trained: rows by kind, processes and batch (summary.json; the timings are added by the caller)."""
+    lone = unpaired.one_sided(pairs)
+    one_sided = sum(lone[row] for row in train_rows)
+    return {"steps": session.steps, "resumed_from_step": start or None, "train_pairs": len(train_rows),
+            "train_rows": {"pairs": len(train_rows) - one_sided - len(kept), "one_sided": one_sided,
+                           "dropped_pairs_kept_chosen": sum(side == "chosen" for side in kept.values()),
+                           "dropped_pairs_kept_rejected": sum(side == "rejected" for side in kept.values())},
+            "processes": session.processes, "distributed": sharding.mode(cfg),
+            "global_batch": session.stream.global_batch * session.accumulation, "probe_pairs": len(probe_rows)}
+
+
+def throughput(session: Session, start: int, wall: float, tokens_seen: int) -> dict[str, Any]:
+    """summary.json's timings of the steps this process ran (from ``start``: a resumed run times its rest)."""
+    return {"wall_time_s": round(wall, 3),
+            "positions_computed": tokens_seen * session.processes,  # padding included (packing.py)
+            "tokens_per_second": tokens_seen * session.processes / max(wall, 1e-9),
+            "pairs_per_second": (session.steps - start) * session.accumulation * session.stream.global_batch / max(wall, 1e-9)}
+
+
+def publish(session: Session, cfg: DictConfig, model_artifact: Artifact, tokenizer, workdir: Path,
+            summary: dict[str, Any], last: dict[str, Any], tracker) -> None:
+    """The trained model, summary.json and the W&B summary into the artifact; the checkpoints go."""
+    # Under FSDP every weight is gathered to the main rank (a collective) into a plain copy of the model there.
+    final = (final_model(session.model, model_artifact, cfg.model) if session.fsdp
+             else session.accelerator.unwrap_model(session.model))
+    if session.main:
+        save_final_model(final, tokenizer, workdir / MODEL_DIR)
+        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        tracker.summary({f"final/{k.removeprefix('train/')}": v for k, v in last.items() if k != "step"})
+        remove_checkpoints(workdir)
 
 
 def final_model(model, model_artifact: Artifact, model_cfg):
