@@ -321,6 +321,39 @@ def test_bnf_unpaired_rows_and_sft_limit():
     torch.testing.assert_close(bnf_grad, logits.grad, atol=1e-12, rtol=0)
 
 
+def mixed_length_batch(grad=True) -> LossInput:
+    """Policy = reference (so w = 1, u = 0 with exact formulas, A_t = log p_t): pair 1 has 2-token responses,
+    pair 2 has 6-token ones; every chosen token has log p = -1, every rejected one -2."""
+    lengths, rows = [2, 6], 2
+    mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in lengths], dtype=F64)
+    chosen = (-1.0 * mask).clone().requires_grad_(grad)
+    rejected = (-2.0 * mask).clone().requires_grad_(grad)
+    zeros = torch.zeros(rows, 6, dtype=F64)
+    return LossInput(chosen.sum(-1), rejected.sum(-1), chosen, rejected, mask, mask.clone(),
+                     chosen.detach().sum(-1), rejected.detach().sum(-1), chosen.detach().clone(), rejected.detach().clone(),
+                     zeros, zeros.clone())
+
+
+@pytest.mark.parametrize("normalisation, loss, grad_short, grad_long, mean_n", [
+    # batch_min: N = 2 for all; pair 1: -(-2/2 + 4/2) = -1, pair 2: -(-6/2 + 12/2) = -3; mean -2;
+    # dL/dlogp of a chosen token = -1 / N / B = -1/4 for both pairs: the long pair weighs 3x the short one
+    ("batch_min", -2.0, -0.25, -0.25, 2.0),
+    # per_sequence: both pairs -1 (S = mean log p); gradients -1/(2*2) and -1/(6*2); mean N = (2+2+6+6)/4
+    ("per_sequence", -1.0, -0.25, -1 / 12, 4.0),
+    # none: pair 1 -2, pair 2 -6; every token -1/2
+    ("none", -4.0, -0.5, -0.5, 1.0),
+])
+def test_bnf_normaliser_weighs_mixed_lengths_as_derived(normalisation, loss, grad_short, grad_long, mean_n):
+    inp = mixed_length_batch()
+    out = bnf_loss(inp, {"normalisation": normalisation, "guards": False})
+    assert out.loss.item() == pytest.approx(loss, abs=1e-12)
+    out.loss.backward()
+    assert inp.chosen_token_logps.grad[0, :2].tolist() == pytest.approx([grad_short] * 2, abs=1e-12)
+    assert inp.chosen_token_logps.grad[1].tolist() == pytest.approx([grad_long] * 6, abs=1e-12)
+    assert inp.rejected_token_logps.grad[1].tolist() == pytest.approx([-grad_long] * 6, abs=1e-12)
+    assert out.metrics["bnf/normaliser"].item() == pytest.approx(mean_n)
+
+
 def test_bnf_rejects_unknown_normalisation():
     with pytest.raises(UserError, match="method.normalisation"):
         bnf_loss(spec_pair(), {"normalisation": "sum"})

@@ -186,7 +186,8 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     contribute 0 but still count in the mean over B (as in oat). Departure from oat: empty rows (unpaired
     data, see ``LossInput``) are ignored by ``batch_min`` instead of making N = 0.
     Metrics: rewards without beta, ``sum_t (logp - logp_ref)``; extras ``bnf/identical_pairs`` (fraction
-    masked) and ``bnf/w_chosen``, ``bnf/w_rejected`` (mean w over response tokens).
+    masked), ``bnf/w_chosen``, ``bnf/w_rejected`` (mean w over response tokens) and ``bnf/normaliser`` (mean N
+    over the present responses: under batch_min, compare it with their mean length).
     """
     normalisation = str(cfg.get("normalisation", "batch_min"))
     guards = bool(cfg.get("guards", True))
@@ -216,8 +217,11 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     reward_w = (inp.chosen_token_logps - inp.ref_chosen_token_logps) * inp.chosen_mask
     reward_l = (inp.rejected_token_logps - inp.ref_rejected_token_logps) * inp.rejected_mask
     mean_w = lambda w, mask: (w * mask).sum() / mask.sum().clamp_min(1)  # noqa: E731
+    # N over the present responses: how far batch_min's shared N sits below the responses' own lengths
+    present = torch.cat([len_w, len_l]) > 0
+    normaliser = torch.cat([n_w.expand_as(len_w), n_l.expand_as(len_l)])[present].float()
     extra = {"bnf/identical_pairs": identical, "bnf/w_chosen": mean_w(w_w, inp.chosen_mask),
-             "bnf/w_rejected": mean_w(w_l, inp.rejected_mask)}
+             "bnf/w_rejected": mean_w(w_l, inp.rejected_mask), "bnf/normaliser": normaliser}
     return LossOutput(losses.mean(), _metrics(inp, reward_w.sum(-1), reward_l.sum(-1), **extra))
 
 
