@@ -176,6 +176,9 @@ CHECKS += [
     non_negative("method.lam"),
     non_negative("method.alpha"),
     one_of("method.normalisation", ("batch_min", "per_sequence", "none")),
+    non_negative("method.desirable_weight"),
+    non_negative("method.undesirable_weight"),
+    one_of("method.reference_point", ("batch", "zero")),
 ]
 
 
