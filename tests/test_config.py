@@ -142,7 +142,7 @@ def test_a_group_choice_conf_does_not_have_is_refused_not_silently_added():
 # The claims' sweeps: at the study's settings where they say so, each with seeds.
 STUDY_KEYS = ("data.num_problems", "data.seed", "data.num_eval_items", "train.max_steps", "train.lr",
               "train.batch_size", "train.probe_every", "train.probe_pairs", "train.precision")
-AT_STUDY_SETTINGS = {"smaug_fig3": (), "bnf_lr_grid": ("train.lr",), "kto_vs_bnf_unpaired": (),
+AT_STUDY_SETTINGS = {"smaug_fig3": (), "bnf_lr_grid": ("train.lr",), "kto_vs_bnf_unpaired": (), "bnf_normaliser": (),
                      "reproduce_smaug_fp32": ("train.precision",)}
 
 
@@ -167,6 +167,8 @@ def test_claim_sweeps_vary_what_they_name():
     grid = [compose_sweep_job("bnf_lr_grid", o) for o in sweep_jobs("bnf_lr_grid")]
     assert {(job.method.name, float(job.train.lr)) for job in grid} == {
         (m, lr) for m in ("dpo_beta0.1", "dpo", "bnf") for lr in (5e-6, 1e-5, 2e-5, 5e-5)}
+    normaliser = [compose_sweep_job("bnf_normaliser", o) for o in sweep_jobs("bnf_normaliser")]
+    assert {(job.method.loss, job.method.normalisation) for job in normaliser} == {("bnf", "batch_min"), ("bnf", "per_sequence")}
     unpaired = [compose_sweep_job("kto_vs_bnf_unpaired", o) for o in sweep_jobs("kto_vs_bnf_unpaired")]
     assert {job.method.loss for job in unpaired} == {"kto", "bnf"} and all(job.train.drop_one_side for job in unpaired)
     assert all(job.method.accepts_unpaired for job in unpaired)
