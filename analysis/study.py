@@ -50,7 +50,12 @@ def applies(tables: dict[str, pd.DataFrame]) -> bool:
     if jobs.empty or "bucket_filter" not in jobs:
         return False
     bucketed = jobs[(jobs["status"] == "ok") & jobs["bucket_filter"].notna() & (jobs["bucket_filter"] != "all")]
-    return set(METHODS) <= set(bucketed["method"]) and not in_trained_bucket(tables.get("probes", pd.DataFrame())).empty
+    # One setting per method: a sweep over beta or lambda_ (sweeps/smaug_fig3.yaml) is F7's, and pooling its
+    # points as one method's runs would mix different losses in one interval.
+    settings = [p for p in ("beta", "lambda_") if p in bucketed]
+    mixed = any(bucketed[bucketed["method"] == m][p].dropna().nunique() > 1 for m in METHODS for p in settings)
+    return (set(METHODS) <= set(bucketed["method"]) and not mixed
+            and not in_trained_bucket(tables.get("probes", pd.DataFrame())).empty)
 
 
 def in_trained_bucket(frame: pd.DataFrame) -> pd.DataFrame:

@@ -60,7 +60,7 @@ DEFAULT = {
     'pairing.bucket_labels': {'pair'},
     'pairing.bucket_filter': {'analyse', 'train'},
     'pairing.test_fraction': {'pair'},
-    'pairing.apply_chat_template': {'pair'},
+    'pairing.apply_chat_template': {'pair', 'evaluate', 'lm_eval'},  # eval.apply_chat_template=null follows it
     'model.name': set(),
     'model.source': {'model'},
     'model.hub_id': set(),
@@ -125,7 +125,7 @@ DEFAULT = {
     'eval.limit': {'evaluate', 'lm_eval'},
     'eval.batch_size': {'evaluate', 'lm_eval'},
     'eval.apply_chat_template': {'evaluate', 'lm_eval'},
-    'eval.fewshot_as_multiturn': {'evaluate'},
+    'eval.fewshot_as_multiturn': {'evaluate', 'lm_eval'},  # read by lm-eval: the chat template is on by default
     'eval.fewshot_seed': {'evaluate', 'lm_eval'},
     'eval.backend': {'evaluate', 'lm_eval'},
     # vLLM's engine settings are keyed only when eval.backend=vllm (unused, and unkeyed, with hf)

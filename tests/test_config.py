@@ -137,3 +137,44 @@ def test_a_group_choice_conf_does_not_have_is_refused_not_silently_added():
     for overrides in sweep_jobs("default"):  # inside a named sweep the same override is a real group choice
         job = compose_sweep_job("default", overrides)
         check_group_like_keys(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
+
+
+# The claims' sweeps: at the study's settings where they say so, each with seeds.
+STUDY_KEYS = ("data.num_problems", "data.seed", "data.num_eval_items", "train.max_steps", "train.lr",
+              "train.batch_size", "train.probe_every", "train.probe_pairs", "train.precision")
+AT_STUDY_SETTINGS = {"smaug_fig3": (), "bnf_lr_grid": ("train.lr",), "kto_vs_bnf_unpaired": (), "bnf_normaliser": (),
+                     "reproduce_smaug_fp32": ("train.precision",)}
+
+
+@pytest.mark.parametrize("sweep", sorted(AT_STUDY_SETTINGS))
+def test_claim_sweeps_keep_the_study_settings_they_do_not_vary(sweep):
+    study = compose_sweep_job("reproduce_smaug", sweep_jobs("reproduce_smaug")[0])
+    jobs = [compose_sweep_job(sweep, overrides) for overrides in sweep_jobs(sweep)]
+    for key in STUDY_KEYS:
+        if key not in AT_STUDY_SETTINGS[sweep]:
+            assert {str(OmegaConf.select(job, key)) for job in jobs} == {str(OmegaConf.select(study, key))}, key
+    assert len({int(job.seed) for job in jobs}) >= 3
+    if sweep != "reproduce_smaug_fp32":
+        assert {job.pairing.bucket_filter for job in jobs} == {"low"}
+    else:
+        assert {job.train.precision for job in jobs} == {"fp32"} and len(jobs) == len(sweep_jobs("reproduce_smaug"))
+
+
+def test_claim_sweeps_vary_what_they_name():
+    fig3 = {(job.method.loss, float(job.method.beta), float(job.method.get("lambda_", 0)))
+            for job in (compose_sweep_job("smaug_fig3", o) for o in sweep_jobs("smaug_fig3"))}
+    assert fig3 == {("dpo", 0.1, 0), ("dpo", 0.3, 0), ("dpo", 1.0, 0), ("dpop", 0.3, 5), ("dpop", 0.3, 50), ("dpop", 0.3, 500)}
+    grid = [compose_sweep_job("bnf_lr_grid", o) for o in sweep_jobs("bnf_lr_grid")]
+    assert {(job.method.name, float(job.train.lr)) for job in grid} == {
+        (m, lr) for m in ("dpo_beta0.1", "dpo", "bnf") for lr in (5e-6, 1e-5, 2e-5, 5e-5)}
+    normaliser = [compose_sweep_job("bnf_normaliser", o) for o in sweep_jobs("bnf_normaliser")]
+    assert {(job.method.loss, job.method.normalisation) for job in normaliser} == {("bnf", "batch_min"), ("bnf", "per_sequence")}
+    unpaired = [compose_sweep_job("kto_vs_bnf_unpaired", o) for o in sweep_jobs("kto_vs_bnf_unpaired")]
+    assert {job.method.loss for job in unpaired} == {"kto", "bnf"} and all(job.train.drop_one_side for job in unpaired)
+    assert all(job.method.accepts_unpaired for job in unpaired)
+    transfer = [compose_sweep_job("bnf_reasoning_transfer", o) for o in sweep_jobs("bnf_reasoning_transfer")]
+    assert {job.method.loss for job in transfer} == {"dpo", "dpop", "bnf", "ipo", "simpo"}
+    for job in transfer:  # word pairs only; >= 1,000 held-out reasoning items per task
+        assert {k for k, v in job.data.kind_mix.items() if v > 0} == {"reverse_word", "sort_words", "antonym"}
+        assert job.data.num_eval_items - job.eval.fewshot_pool >= 1000 and job.eval.limit is None
+        assert "evaluate" in job.stages

@@ -53,7 +53,8 @@ def test_trained_evaluation_artifact(trained_run):
     assert scores["headline"] == {"local_mc": "acc", "local_gen": "exact_match_strict-match"}
     assert scores["average"] == pytest.approx(sum(headline_values) / 2)
     assert scores["settings"]["limit"] == 3 and scores["settings"]["batch_size"] == 8
-    assert scores["settings"]["apply_chat_template"] is False
+    # eval.apply_chat_template=null: the training prompts' format (pairing.apply_chat_template=true by default)
+    assert scores["settings"]["apply_chat_template"] is True and scores["settings"]["training_chat_template"] is True
     assert scores["settings"]["num_fewshot"] == {"local_mc": 3, "local_gen": 2}
 
     raw = json.loads((path / "lm_eval_results.json").read_text())
@@ -61,7 +62,7 @@ def test_trained_evaluation_artifact(trained_run):
     assert set(raw["versions"]) == {"local_mc", "local_gen"}
     data_files = raw["configs"]["local_mc"]["dataset_kwargs"]["data_files"]
     assert all(Path(f).is_absolute() and Path(f).is_file() for f in data_files.values())
-    assert raw["config"]["fewshot_seed"] == 1234 and raw["prefopt_settings"]["apply_chat_template"] is False
+    assert raw["config"]["fewshot_seed"] == 1234 and raw["prefopt_settings"]["apply_chat_template"] is True
     samples = [json.loads(line) for line in (path / "samples" / "local_mc.jsonl").read_text().splitlines()]
     assert len(samples) == 3 * 1  # 3 items (a multiple-choice sample holds all its choices)
     assert samples[0]["arguments"][0][0].count("Question:") == 4  # 3 shots + the item
@@ -117,12 +118,17 @@ def test_multiple_choice_accuracy_matches_a_direct_forward(trained_run):
     for sample in (json.loads(line) for line in (baseline / "samples" / "local_mc.jsonl").read_text().splitlines()):
         scores = []
         for context, continuation in sample["arguments"]:
+            # lm-eval moves the context's trailing whitespace into the continuation (the chat template's
+            # "assistant\n" ends in one), then scores the continuation's tokens of the joint encoding
+            spaces = len(context) - len(context.rstrip())
+            context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
             ids_context = tokenizer(context, add_special_tokens=False).input_ids
             ids_all = tokenizer(context + continuation, add_special_tokens=False).input_ids
+            answer = len(ids_all) - len(ids_context)
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids_all])).logits[0].double()
             logps = torch.log_softmax(logits[:-1], -1)[torch.arange(len(ids_all) - 1), torch.tensor(ids_all[1:])]
-            scores.append(float(logps[len(ids_context) - 1:].sum()))
+            scores.append(float(logps[-answer:].sum()))
         lm_eval_scores = [resp[0][0] for resp in sample["resps"]]
         assert scores == pytest.approx(lm_eval_scores, abs=1e-3)
         correct.append(float(max(range(len(scores)), key=scores.__getitem__) == int(sample["target"])))
@@ -144,22 +150,40 @@ def test_baseline_is_shared_by_a_second_trained_model(trained_run):
     assert len(evaluations) == 3  # one baseline + two trained models
 
 
-def test_chat_template_changes_logged_prompts(trained_run):
+def test_prompt_format_follows_training_unless_set(trained_run):
+    """Default: evaluation prompts use the chat template exactly when the training prompts did; an explicit
+    eval.apply_chat_template overrides it, enters the lm_eval key and is recorded beside the training format."""
     root, record = trained_run
-    plain = Path(json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]["path"])
-    chat_record = run_pipeline(root, root.parent / "run-chat", "stages=[evaluate]", "eval.apply_chat_template=true")
-    chat = artifact_of(chat_record, "evaluate")
-    assert chat != plain  # the setting is part of the key
+    default = Path(json.loads((artifact_of(record, "evaluate") / "manifest.json").read_text())["baseline"]["path"])
+    plain_record = run_pipeline(root, root.parent / "run-plain", "stages=[evaluate]", "eval.apply_chat_template=false")
+    plain = artifact_of(plain_record, "evaluate")
+    untemplated_record = run_pipeline(root, root.parent / "run-untemplated", "stages=[evaluate]",
+                                      "pairing.apply_chat_template=false")
+    untemplated = artifact_of(untemplated_record, "evaluate")
+    lm_eval_key = lambda path: json.loads((path / "manifest.json").read_text())["lm_eval"]["key"]  # noqa: E731
+    assert lm_eval_key(default) != lm_eval_key(plain)  # the prompt format is in the key
+    assert lm_eval_key(plain) == lm_eval_key(untemplated)  # same weights, items and prompts: one lm-eval run
 
     def first_prompt(path: Path, task: str) -> str:
         sample = json.loads((path / "samples" / f"{task}.jsonl").read_text().splitlines()[0])
         return sample["arguments"][0][0]  # [context, continuation or generation kwargs]
 
     for task in ("local_mc", "local_gen"):
+        assert "<|im_start|>user" in first_prompt(default, task) and "<|im_start|>assistant" in first_prompt(default, task)
         assert "<|im_start|>" not in first_prompt(plain, task)
-        assert "<|im_start|>user" in first_prompt(chat, task) and "<|im_start|>assistant" in first_prompt(chat, task)
-    scores = json.loads((chat / "scores.json").read_text())
-    assert scores["settings"]["apply_chat_template"] is True and scores["settings"]["fewshot_as_multiturn"] is True
+        assert "<|im_start|>" not in first_prompt(untemplated, task)
+    settings = {name: json.loads((path / "scores.json").read_text())["settings"]
+                for name, path in (("default", default), ("plain", plain), ("untemplated", untemplated))}
+    assert settings["default"]["apply_chat_template"] is True and settings["default"]["fewshot_as_multiturn"] is True
+    assert (settings["plain"]["apply_chat_template"], settings["plain"]["training_chat_template"]) == (False, True)
+    assert (settings["untemplated"]["apply_chat_template"], settings["untemplated"]["training_chat_template"]) == (False, False)
+
+
+def test_prompt_format_setting_rejects_non_booleans(tmp_path):
+    cfg = compose_config(f"artifacts_dir={tmp_path}", "model=tiny", "logger=none", "eval.apply_chat_template=yes")
+    with pytest.raises(UserError, match=r"^eval\.apply_chat_template='yes': expected true, false or null"):
+        Run(cfg, tmp_path / "run").execute()
+    assert not (tmp_path / "evaluate").exists()
 
 
 def test_eval_none_writes_only_preference_metrics(trained_run):
@@ -243,7 +267,8 @@ def test_smollm2_solves_some_local_problems(tmp_path):
     cfg = compose_config(f"artifacts_dir={store}", "logger=none")
     model_artifact = model_stage.run(cfg, {}, store)
     pair = pair_stage.run(cfg, {"model": model_artifact}, store)
-    settings = evaluate.eval_settings(cfg.eval)
+    settings = evaluate.eval_settings(cfg.eval, cfg.pairing)
+    settings["apply_chat_template"] = False  # the format the numbers below were measured in (BENCHMARKS.md)
     settings["limit"] = 48  # the default sweep's CPU budget
     manager, tasks, _ = evaluate.load_tasks(settings, pair, store)
     model = models.load_causal_lm(model_artifact, cfg.model)

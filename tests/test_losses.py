@@ -335,9 +335,80 @@ def test_bnf_unpaired_rows_and_sft_limit():
     torch.testing.assert_close(bnf_grad, logits.grad, atol=1e-12, rtol=0)
 
 
+def mixed_length_batch(grad=True) -> LossInput:
+    """Policy = reference (so w = 1, u = 0 with exact formulas, A_t = log p_t): pair 1 has 2-token responses,
+    pair 2 has 6-token ones; every chosen token has log p = -1, every rejected one -2."""
+    lengths, rows = [2, 6], 2
+    mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in lengths], dtype=F64)
+    chosen = (-1.0 * mask).clone().requires_grad_(grad)
+    rejected = (-2.0 * mask).clone().requires_grad_(grad)
+    zeros = torch.zeros(rows, 6, dtype=F64)
+    return LossInput(chosen.sum(-1), rejected.sum(-1), chosen, rejected, mask, mask.clone(),
+                     chosen.detach().sum(-1), rejected.detach().sum(-1), chosen.detach().clone(), rejected.detach().clone(),
+                     zeros, zeros.clone())
+
+
+@pytest.mark.parametrize("normalisation, loss, grad_short, grad_long, mean_n", [
+    # batch_min: N = 2 for all; pair 1: -(-2/2 + 4/2) = -1, pair 2: -(-6/2 + 12/2) = -3; mean -2;
+    # dL/dlogp of a chosen token = -1 / N / B = -1/4 for both pairs: the long pair weighs 3x the short one
+    ("batch_min", -2.0, -0.25, -0.25, 2.0),
+    # per_sequence: both pairs -1 (S = mean log p); gradients -1/(2*2) and -1/(6*2); mean N = (2+2+6+6)/4
+    ("per_sequence", -1.0, -0.25, -1 / 12, 4.0),
+    # none: pair 1 -2, pair 2 -6; every token -1/2
+    ("none", -4.0, -0.5, -0.5, 1.0),
+])
+def test_bnf_normaliser_weighs_mixed_lengths_as_derived(normalisation, loss, grad_short, grad_long, mean_n):
+    inp = mixed_length_batch()
+    out = bnf_loss(inp, {"normalisation": normalisation, "guards": False})
+    assert out.loss.item() == pytest.approx(loss, abs=1e-12)
+    out.loss.backward()
+    assert inp.chosen_token_logps.grad[0, :2].tolist() == pytest.approx([grad_short] * 2, abs=1e-12)
+    assert inp.chosen_token_logps.grad[1].tolist() == pytest.approx([grad_long] * 6, abs=1e-12)
+    assert inp.rejected_token_logps.grad[1].tolist() == pytest.approx([-grad_long] * 6, abs=1e-12)
+    assert out.metrics["bnf/normaliser"].item() == pytest.approx(mean_n)
+
+
 def test_bnf_rejects_unknown_normalisation():
     with pytest.raises(UserError, match="method.normalisation"):
         bnf_loss(spec_pair(), {"normalisation": "sum"})
+
+
+# ----------------------------------------------------------------------------- KTO (docs/losses.md, Worked values)
+
+KTO = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "reference_point": "batch"}
+
+
+def test_kto_paired_rows_are_two_examples_around_the_batch_reference_point():
+    """rho_w = (2, 4), rho_l = (-1, -1): z0 = mean(2, 4, -1, -1) = 1; 1 - sigmoid(0.1 (rho - 1)) for the chosen,
+    1 - sigmoid(0.1 (1 - rho)) for the rejected: 0.475021, 0.425557, 0.450166, 0.450166; mean 0.450228."""
+    inp = pairs([-8.0, -6.0], [-12.0, -12.0], [-10.0, -10.0], [-11.0, -11.0])
+    out = LOSSES["kto"](inp, KTO)
+    assert out.loss.item() == pytest.approx(0.450228, abs=1e-6)
+    assert out.metrics["kl"].item() == pytest.approx(1.0)
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(0.3)  # beta * mean rho_w
+    # lambda_U = 2 doubles the rejected examples' terms: (0.475021 + 0.425557 + 4 * 0.450166) / 4
+    assert LOSSES["kto"](inp, {**KTO, "undesirable_weight": 2.0}).loss.item() == pytest.approx(0.675311, abs=1e-6)
+    # z0 is detached: dL/d rho_w1 = -beta s (1 - s) / 4 with s = sigmoid(0.1), not its total derivative
+    out.loss.backward()
+    assert inp.chosen_logps.grad[0].item() == pytest.approx(-0.0062344, abs=1e-7)
+    # reference_point=zero: z0 = 0 and the loss is 1 - sigmoid(beta rho_w), 1 - sigmoid(-beta rho_l) per example
+    zero = LOSSES["kto"](pairs([-8.0, -6.0], [-12.0, -12.0], [-10.0, -10.0], [-11.0, -11.0]), {**KTO, "reference_point": "zero"})
+    expected = (1 - 1 / (1 + math.exp(-0.2)) + 1 - 1 / (1 + math.exp(-0.4)) + 2 * (1 - 1 / (1 + math.exp(-0.1)))) / 4
+    assert zero.loss.item() == pytest.approx(expected, abs=1e-9) and zero.metrics["kl"].item() == 0.0
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_unpaired_rows_count_once():
+    # rho_w = -1, rho_l = -3: the batch mean -2 is clamped to z0 = 0: (1 - sigmoid(-0.1) + 1 - sigmoid(0.3)) / 2
+    below = LOSSES["kto"](pairs([-11.0], [-14.0], [-10.0], [-11.0]), KTO)
+    assert below.metrics["kl"].item() == 0.0 and below.loss.item() == pytest.approx(0.475268, abs=1e-6)
+    # a lone chosen row (rho 3) and a lone rejected row (rho -2): two examples, z0 = 0.5, each 1 - sigmoid(0.25)
+    lone = pairs([-7.0, 0.0], [0.0, -13.0], [-10.0, 0.0], [0.0, -11.0])
+    lone.rejected_mask[0] = 0
+    lone.chosen_mask[1] = 0
+    out = LOSSES["kto"](lone, KTO)
+    assert out.metrics["kl"].item() == pytest.approx(0.5) and out.loss.item() == pytest.approx(0.437823, abs=1e-6)
+    with pytest.raises(UserError, match="method.reference_point"):
+        LOSSES["kto"](lone, {**KTO, "reference_point": "mismatched"})
 
 
 # ----------------------------------------------------------------------------- registry and method files

@@ -186,3 +186,16 @@ def test_the_seed_varies_the_training_order():
     orders = {seed: [stream.next() for _ in range(10)] for seed, stream in streams.items()}
     assert sorted(sum(orders[0], [])) == sorted(sum(orders[1], [])) == list(range(40))  # one epoch, every pair
     assert orders[0] != orders[1]
+
+
+def test_the_study_does_not_pool_a_beta_or_lambda_sweep():
+    """sweeps/smaug_fig3.yaml trains DPO at three betas on the low bucket: S1 must not read them as one method's runs."""
+    from analysis import study
+    jobs = pd.DataFrame({"status": "ok", "bucket_filter": "low", "method": ["dpo", "dpo", "dpop", "dpop"],
+                         "beta": [0.3, 0.3, 0.3, 0.3], "lambda_": [None, None, 50.0, 50.0]})
+    probes = pd.DataFrame({"method": ["dpo", "dpop"], "bucket_filter": "low", "bucket": "low"})
+    assert study.applies({"jobs": jobs, "probes": probes})
+    jobs.loc[1, "beta"] = 1.0
+    assert not study.applies({"jobs": jobs, "probes": probes})
+    jobs.loc[1, "beta"], jobs.loc[3, "lambda_"] = 0.3, 500.0
+    assert not study.applies({"jobs": jobs, "probes": probes})

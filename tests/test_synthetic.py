@@ -132,3 +132,49 @@ def test_eval_settings_the_generator_cannot_meet_fail_in_one_line():
         generate(0, 10, 10, MIX, eval_choices=5)
     with pytest.raises(UserError, match=r"^data\.num_eval_items=200: only 102 distinct questions with data\.eval_max_operand=10"):
         generate(0, 10, 200, MIX, eval_max_operand=10)
+
+
+# ---------------------------------------------------------------- another domain: data=synthetic_words
+
+WORD_MIX = {"corrupt_step": 0, "wrong_solution": 0, "mc_distractor": 0, "reverse_word": 0.4, "sort_words": 0.3,
+            "antonym": 0.3}
+
+
+def test_word_pairs_are_correct_non_numeric_and_deterministic():
+    from pipeline.data.synthetic_words import ANTONYMS
+    words = generate(0, 300, 20, WORD_MIX)
+    assert words == generate(0, 300, 20, WORD_MIX) and words["pairs"] != generate(1, 300, 20, WORD_MIX)["pairs"]
+    kinds = {p["kind"] for p in words["pairs"]}
+    assert kinds == {"reverse_word", "sort_words", "antonym"} and len(words["pairs"]) == 300
+    opposite = {a: b for pair in ANTONYMS for a, b in (pair, pair[::-1])}
+    for pair in words["pairs"]:
+        text = pair["raw_prompt"] + pair["chosen"] + pair["rejected"]
+        assert not re.search(r"\d", text), pair  # no arithmetic anywhere in this domain
+        assert pair["chosen"] != pair["rejected"]
+        if pair["kind"] == "reverse_word":
+            word = re.fullmatch(r'Write the word "(\w+)" backwards\.', pair["raw_prompt"]).group(1)
+            assert pair["chosen"] == word[::-1] and sorted(pair["rejected"]) == sorted(word)
+        elif pair["kind"] == "sort_words":
+            listed = pair["raw_prompt"].split(": ", 1)[1].rstrip(".").split(", ")
+            assert pair["chosen"].split(", ") == sorted(listed)
+            assert sorted(pair["rejected"].split(", ")) == sorted(listed) and pair["rejected"].split(", ") != sorted(listed)
+        else:
+            word = re.fullmatch(r'What is the opposite of "(\w+)"\?', pair["raw_prompt"]).group(1)
+            assert pair["chosen"] == f"The opposite of {word} is {opposite[word]}."
+    # the held-out items stay arithmetic: reasoning is measured off the training domain
+    assert all(re.search(r"\d", item["question"]) for item in words["eval_gen"] + words["eval_mc"])
+
+
+def test_word_kinds_at_weight_zero_leave_the_arithmetic_pairs_unchanged():
+    mix = {"corrupt_step": 0.45, "wrong_solution": 0.30, "mc_distractor": 0.25}
+    assert generate(0, 60, 20, mix) == generate(0, 60, 20, {**mix, "reverse_word": 0, "sort_words": 0, "antonym": 0})
+
+
+def test_synthetic_words_preset_composes_with_only_word_kinds():
+    from tests.conftest import compose_config
+    from pipeline.orchestration.validate import validate
+    cfg = compose_config("data=synthetic_words")
+    assert {k for k, v in cfg.data.kind_mix.items() if v > 0} == {"reverse_word", "sort_words", "antonym"}
+    validate(cfg)
+    with pytest.raises(UserError, match=r"data\.kind_mix=.*reverse_word, sort_words, antonym"):
+        validate(compose_config("data=synthetic_words", "+data.kind_mix.spelling=1"))

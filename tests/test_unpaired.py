@@ -79,11 +79,12 @@ def present_sides(inp: LossInput, i: int) -> list[str]:
     return [side for side, mask in (("chosen", inp.chosen_mask), ("rejected", inp.rejected_mask)) if mask[i].sum() > 0]
 
 
-# ------------------------------------------------------------------ (a) unpaired data trains BNF end to end
+# ------------------------------------------------------------------ (a) unpaired data trains BNF and KTO end to end
 
-def test_unpaired_file_trains_bnf_through_the_entry_point(tmp_path):
+@pytest.mark.parametrize("method", ["bnf", "kto"])
+def test_unpaired_file_trains_through_the_entry_point(tmp_path, method):
     out = entry(tmp_path, "stages=[pair,reference,train]", *TINY, "data=local", f"data.path={FIXTURE}",
-                "data.schema=unpaired", "method=bnf", "pairing.test_fraction=0", "train.batch_size=3",
+                "data.schema=unpaired", f"method={method}", "pairing.test_fraction=0", "train.batch_size=3",
                 "train.max_steps=2")
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -102,6 +103,8 @@ def test_unpaired_file_trains_bnf_through_the_entry_point(tmp_path):
     # Step 0 reproduces the stored reference bit for bit (the same one-row layout), on both kinds of row.
     assert first["train/logps_shift/chosen/unpaired"] == 0 and first["train/logps_shift/rejected/unpaired"] == 0
     assert math.isfinite(first["train/loss"]) and first["train/loss"] != 0
+    if method == "kto":  # at step 0 every rho is 0, so z0 = 0 and each one-sided row's loss is 1 - sigmoid(0)
+        assert first["train/loss"] == pytest.approx(0.5, abs=1e-6) and first["train/kl"] == 0
     before, after = weights(paths["model"] / "model"), weights(paths["train"] / "model")
     assert before.keys() == after.keys()
     changed = [name for name in before if not torch.equal(before[name], after[name])]

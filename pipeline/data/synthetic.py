@@ -38,6 +38,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.synthetic_words import KINDS as WORD_KINDS
+from pipeline.data.synthetic_words import pairs_for as word_pairs
 from pipeline.errors import UserError
 
 NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Nina")
@@ -45,7 +47,9 @@ PRONOUN = {"Tom": "He", "Sam": "He", "Ben": "He", "Jack": "He", "Leo": "He", "Ma
 ITEMS = ("apples", "books", "coins", "pencils", "stickers", "marbles", "cookies", "cards", "shells", "stamps")
 GAIN = ("buys", "finds", "gets", "is given")
 LOSS = ("gives away", "eats", "loses", "sells")
-KINDS = ("corrupt_step", "wrong_solution", "mc_distractor")
+# Arithmetic kinds, then the word tasks of pipeline/data/synthetic_words.py (weight 0 unless data=synthetic_words;
+# a kind of weight 0 draws nothing from the stream, so adding kinds leaves the arithmetic pairs unchanged).
+KINDS = ("corrupt_step", "wrong_solution", "mc_distractor") + WORD_KINDS
 OPTION_LETTERS = string.ascii_uppercase
 
 
@@ -166,6 +170,8 @@ def mc_prompt(question: str, choices: list[str]) -> str:
 
 
 def pairs_for(problem: Problem, kind: str, rng: random.Random) -> list[dict[str, Any]]:
+    if kind in WORD_KINDS:  # another domain (data=synthetic_words): the problem only keeps the stream aligned
+        return word_pairs(kind, rng)
     question, correct = problem.question(), solution(problem)
     if kind == "corrupt_step":
         return [{"raw_prompt": question, "chosen": correct, "rejected": corrupt_step(problem, rng), "kind": kind}]

@@ -254,6 +254,10 @@ def check_eval_config(cfg: DictConfig) -> None:
     if suite not in ("local", "hub", "none"):
         raise UserError(f"eval.suite={suite!r}: expected one of ['local', 'hub', 'none']")
     check_backend(cfg)
+    chat = eval_cfg.get("apply_chat_template")
+    if chat is not None and not isinstance(chat, bool):
+        raise UserError(f"eval.apply_chat_template={chat!r}: expected true, false or null (null = the training prompts' "
+                        "format, pairing.apply_chat_template)")
     for key in ("batch_size",):
         value = eval_cfg.get(key)
         if not (isinstance(value, int) and value > 0):

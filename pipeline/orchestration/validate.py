@@ -176,6 +176,9 @@ CHECKS += [
     non_negative("method.lam"),
     non_negative("method.alpha"),
     one_of("method.normalisation", ("batch_min", "per_sequence", "none")),
+    non_negative("method.desirable_weight"),
+    non_negative("method.undesirable_weight"),
+    one_of("method.reference_point", ("batch", "zero")),
 ]
 
 
@@ -297,10 +300,12 @@ def check_data_and_pairing(cfg: DictConfig) -> None:
     one_of("data.multi_completion_strategy", STRATEGIES)(cfg)
     mix = select(cfg, "data.kind_mix")
     if mix is not None:
-        unknown = sorted(set(mix) - {"corrupt_step", "wrong_solution", "mc_distractor"})
+        from pipeline.data.synthetic_words import KINDS as WORD_KINDS
+        kinds = ("corrupt_step", "wrong_solution", "mc_distractor", *WORD_KINDS)
+        unknown = sorted(set(mix) - set(kinds))
         weights = [mix[k] for k in mix]
         if unknown or not all(is_number(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-            raise UserError(f"data.kind_mix={dict(mix)}: expected weights >= 0 (sum > 0) for corrupt_step, wrong_solution, mc_distractor")
+            raise UserError(f"data.kind_mix={dict(mix)}: expected weights >= 0 (sum > 0) for {', '.join(kinds)}")
     counts = [select(cfg, f"data.{k}") for k in ("num_eval_items", "eval_choices", "eval_max_operand")]
     if source == "synthetic" and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
         from pipeline.data.synthetic import check_settings

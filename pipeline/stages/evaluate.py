@@ -21,7 +21,8 @@ Artifact files of ``evaluate`` (``lm_eval`` holds ``lm_eval_results.json``, ``sa
 - ``lm_eval_results.json``: lm-eval's raw results (versions, n-shot, task configs, config incl. batch
   size, limit and seeds) plus ``prefopt_settings`` (chat template, few-shot seed, shots, limit, batch).
 - ``scores.json``: {"tasks": {task: {metric: value}}, "headline": {task: metric}, "average": plain
-  mean of the headline metrics, "settings": {...}, "model": "base" | "trained", "preference": {...},
+  mean of the headline metrics, "settings": {lm-eval's arguments, incl. apply_chat_template as resolved, and
+  training_chat_template: the training prompts' format}, "model": "base" | "trained", "preference": {...},
   "seeds": {"data": data.seed, "run": seed (trained models only: their data order)}}.
 - ``samples/<task>.jsonl``: lm-eval's logged samples (prompts, responses, per-item metrics).
 - ``preference.json`` / ``preference_pairs.parquet``: reward accuracy, margins and log-prob shifts on
@@ -61,10 +62,27 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # mode
 # ---------------------------------------------------------------- settings
 
 
-def eval_settings(eval_cfg: DictConfig) -> dict[str, Any]:
+def eval_settings(eval_cfg: DictConfig, pairing_cfg: DictConfig | None = None) -> dict[str, Any]:
+    """The eval settings with ``apply_chat_template`` resolved to true or false.
+
+    ``eval.apply_chat_template: null`` means the training prompts' format, ``pairing.apply_chat_template``:
+    a model trained on chat-templated prompts is scored on chat-templated prompts unless told otherwise.
+    ``training_chat_template`` records that format beside it (scores.json), so a reader sees whether they match.
+    """
     settings = OmegaConf.to_container(eval_cfg, resolve=True)
     if settings["suite"] not in SUITES:
         raise UserError(f"eval.suite={settings['suite']!r}: expected one of {list(SUITES)}")
+    training = None if pairing_cfg is None else bool(pairing_cfg.apply_chat_template)
+    chat = settings.get("apply_chat_template")
+    if chat is None:
+        if training is None:
+            raise ValueError("eval.apply_chat_template=null follows pairing.apply_chat_template: pass the pairing settings")
+        chat = training
+    elif not isinstance(chat, bool):
+        raise UserError(f"eval.apply_chat_template={chat!r}: expected true, false or null (null = the training "
+                        "prompts' format, pairing.apply_chat_template)")
+    settings["apply_chat_template"] = chat
+    settings["training_chat_template"] = training
     return settings
 
 
@@ -214,7 +232,8 @@ def scores_document(scores: dict[str, dict[str, float]], settings: dict[str, Any
         "tasks": scores,
         "headline": chosen,
         "average": sum(values) / len(values) if values else None,
-        "settings": {**lm_eval_arguments(settings), "suite": settings["suite"]},
+        "settings": {**lm_eval_arguments(settings), "suite": settings["suite"],
+                     "training_chat_template": settings.get("training_chat_template")},
     }
 
 
@@ -257,7 +276,7 @@ def lm_eval_subset(cfg: DictConfig, label: str, suite_key: str | None) -> dict[s
     local suite the suite artifact's key (its items' content, shots, pool and generation budget). Not the
     headline metrics (they only pick what enters the average), labels, pairs, buckets or train.max_length.
     """
-    settings = eval_settings(cfg.eval)
+    settings = eval_settings(cfg.eval, cfg.pairing)
     return {"arguments": lm_eval_arguments(settings), "suite": settings["suite"], "tasks": sorted(settings["tasks"]),
             **backend_settings(settings),
             "suite_key": suite_key, "model": label, "model_dtype": str(cfg.model.dtype), **attention_setting(cfg.model)}
@@ -271,8 +290,9 @@ def backend_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def config_subset(cfg: DictConfig, label: str) -> dict[str, Any]:
     """No method, train or run-seed keys: the baseline is shared by every job of a sweep; ``eval.name`` is a label."""
-    settings = {k: v for k, v in eval_settings(cfg.eval).items() if k not in ("name", "backend", "vllm")}
-    settings.update(backend_settings(eval_settings(cfg.eval)))
+    full = eval_settings(cfg.eval, cfg.pairing)
+    settings = {k: v for k, v in full.items() if k not in ("name", "backend", "vllm")}
+    settings.update(backend_settings(full))
     # The trained model is evaluated loaded in model.dtype (bf16 on the GPU presets): that changes scores.
     return {"eval": settings, "model": label, "scoring": scoring_settings(cfg), "model_dtype": str(cfg.model.dtype),
             **attention_setting(cfg.model)}
@@ -303,7 +323,7 @@ def evaluate_model(cfg: DictConfig, root: Path, label: str, model_source: Artifa
     """
     from pipeline.modeling.models import load_causal_lm, load_tokenizer
 
-    settings = eval_settings(cfg.eval)
+    settings = eval_settings(cfg.eval, cfg.pairing)
     pair, reference = upstream["pair"], upstream["reference"]
     subset = config_subset(cfg, label)
     lm_artifact = None

@@ -29,8 +29,9 @@ from pipeline.errors import UserError
 class LossInput:
     """B preference pairs. Sums are ``[B]``; per-token tensors ``[B, T]`` (0 outside the fp32 mask).
 
-    Unpaired rows (BNF only, ``accepts_unpaired``): an absent side is a row whose mask is all zero; it
-    contributes ``S = 0``, so a lone chosen response adds ``-S(y)`` and a lone rejected one ``+S(y)``.
+    Unpaired rows (BNF and KTO, ``accepts_unpaired``): an absent side is a row whose mask is all zero; in
+    BNF it contributes ``S = 0``, so a lone chosen response adds ``-S(y)`` and a lone rejected one ``+S(y)``;
+    KTO counts only the present sides as examples.
     """
 
     chosen_logps: Tensor
@@ -186,7 +187,8 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     contribute 0 but still count in the mean over B (as in oat). Departure from oat: empty rows (unpaired
     data, see ``LossInput``) are ignored by ``batch_min`` instead of making N = 0.
     Metrics: rewards without beta, ``sum_t (logp - logp_ref)``; extras ``bnf/identical_pairs`` (fraction
-    masked) and ``bnf/w_chosen``, ``bnf/w_rejected`` (mean w over response tokens).
+    masked), ``bnf/w_chosen``, ``bnf/w_rejected`` (mean w over response tokens) and ``bnf/normaliser`` (mean N
+    over the present responses: under batch_min, compare it with their mean length).
     """
     normalisation = str(cfg.get("normalisation", "batch_min"))
     guards = bool(cfg.get("guards", True))
@@ -216,8 +218,11 @@ def bnf_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
     reward_w = (inp.chosen_token_logps - inp.ref_chosen_token_logps) * inp.chosen_mask
     reward_l = (inp.rejected_token_logps - inp.ref_rejected_token_logps) * inp.rejected_mask
     mean_w = lambda w, mask: (w * mask).sum() / mask.sum().clamp_min(1)  # noqa: E731
+    # N over the present responses: how far batch_min's shared N sits below the responses' own lengths
+    present = torch.cat([len_w, len_l]) > 0
+    normaliser = torch.cat([n_w.expand_as(len_w), n_l.expand_as(len_l)])[present].float()
     extra = {"bnf/identical_pairs": identical, "bnf/w_chosen": mean_w(w_w, inp.chosen_mask),
-             "bnf/w_rejected": mean_w(w_l, inp.rejected_mask)}
+             "bnf/w_rejected": mean_w(w_l, inp.rejected_mask), "bnf/normaliser": normaliser}
     return LossOutput(losses.mean(), _metrics(inp, reward_w.sum(-1), reward_l.sum(-1), **extra))
 
 
@@ -305,6 +310,39 @@ def orpo_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
                                               log_odds_ratio=-F.softplus(-ratio)))
 
 
+# ----------------------------------------------------------------------------- KTO (unpaired comparator)
+
+def kto_loss(inp: LossInput, cfg: Mapping[str, Any]) -> LossOutput:
+    """KTO (Ethayarajh et al. 2024, Eqs. 7-8; TRL 1.16 ``KTOTrainer``, ``loss_type="kto"``).
+
+    Every present response is one example, desirable (chosen) or undesirable (rejected); paired rows give
+    two examples, unpaired rows one (``accepts_unpaired``). With rho = logp - logp_ref (sequence sums):
+    ``L_D = lambda_D (1 - sigmoid(beta (rho - z0)))``, ``L_U = lambda_U (1 - sigmoid(beta (z0 - rho)))``; the
+    loss is the mean over the examples (TRL concatenates them and takes the mean). Reference point
+    ``z0`` (``reference_point``): ``batch`` = ``max(0, mean rho over the micro-batch's responses)``,
+    detached, as TRL's clamped, detached batch estimate, but from the responses' OWN prompts, whereas TRL
+    (and the paper) pair each prompt with another example's completion (that needs extra forwards the
+    trainer does not make: docs/losses.md, KTO); ``zero``: z0 = 0. Config: ``beta`` > 0,
+    ``desirable_weight``, ``undesirable_weight`` >= 0. Extra metric ``kl`` (z0, TRL's name).
+    """
+    beta = _param(cfg, "beta")
+    weight_d, weight_u = _param(cfg, "desirable_weight"), _param(cfg, "undesirable_weight")
+    point = str(cfg.get("reference_point", "batch"))
+    rho_w, rho_l = _log_ratios(inp, "kto")
+    has_w, has_l = inp.chosen_mask.sum(-1) > 0, inp.rejected_mask.sum(-1) > 0
+    present = torch.cat([rho_w[has_w], rho_l[has_l]])
+    if point == "batch":
+        z0 = present.detach().mean().clamp_min(0) if present.numel() else rho_w.new_zeros(())
+    elif point == "zero":
+        z0 = rho_w.new_zeros(())
+    else:
+        raise UserError(f"method.reference_point={point!r}: expected one of batch, zero")
+    losses = torch.cat([weight_d * (1 - torch.sigmoid(beta * (rho_w[has_w] - z0))),
+                        weight_u * (1 - torch.sigmoid(beta * (z0 - rho_l[has_l])))])
+    loss = losses.mean() if losses.numel() else rho_w.sum() * 0
+    return LossOutput(loss, _metrics(inp, beta * rho_w, beta * rho_l, kl=z0))
+
+
 LOSSES: dict[str, LossFn] = {
     "dpo": dpo_loss,
     "dpop": dpop_loss,
@@ -316,6 +354,7 @@ LOSSES: dict[str, LossFn] = {
     "simpo": simpo_loss,
     "orpo": orpo_loss,
     "rpo": rpo_loss,
+    "kto": kto_loss,
 }
 
 
