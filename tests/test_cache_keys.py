@@ -89,6 +89,7 @@ DEFAULT = {
     'train.precision': {'evaluate', 'reference', 'train'},
     'train.prefix_sharing': {'evaluate', 'reference', 'train'},
     'train.logprob_chunk': {'evaluate', 'reference', 'train'},
+    'train.pack_tokens': {'train'},
     'train.disable_dropout': {'train'},
     'train.lr': {'train'},
     'train.weight_decay': {'train'},

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline.data import parquet_rows
 from pipeline.stages import pair
 from pipeline.data.adapt_source import adapt
 from pipeline.data.readers import load_local
@@ -28,7 +29,7 @@ def run_stage(root: Path, *overrides: str, upstream=None, **sizes):
     cfg = compose_config(f"artifacts_dir={root}", *overrides)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in sizes.items():
-            patch.setattr(pair, name, value)
+            patch.setattr(parquet_rows if name.startswith("ROW_GROUP_") else pair, name, value)
         return pair.run(cfg, upstream or {}, root)
 
 
