@@ -33,7 +33,7 @@ def load_scored_rows(pair: Artifact, reference: Artifact) -> tuple[pd.DataFrame,
     one_sided = unpaired.load_rows(pair.path)
     if one_sided is None:
         return frame, scored
-    lone = ScoredPairs.load(Path(reference.path) / UNPAIRED_SCORES_FILE)
+    lone = read_artifact_file(Path(reference.path) / UNPAIRED_SCORES_FILE, ScoredPairs.load)
     if [str(v) for v in lone.pair_ids] != one_sided["pair_id"].tolist():
         raise RuntimeError(f"{reference.path}: one-sided reference rows do not follow unpaired.parquet's row order")
     frame = pd.concat([frame, one_sided], ignore_index=True) if len(frame) else one_sided.reset_index(drop=True)

@@ -150,7 +150,7 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         # One process may run many jobs (a Hydra multirun): free what an earlier job left (a failed one's
-        # too) before this one loads anything, and this job's models once it is done (pipeline/job_memory.py).
+        # too) before this one loads anything, and this job's models once it is done (orchestration/job_memory.py).
         release_job_memory()
         try:
             validate(self.cfg)  # before any data or model is loaded
